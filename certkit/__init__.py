@@ -1,0 +1,38 @@
+"""certkit: certification-first toolkit for backdoor robustness of neural networks.
+
+Public API (DESIGN.md section 4): exact confidence bounds (:func:`clopper_pearson`, :func:`hoeffding`),
+test-time randomized smoothing (:class:`RandomizedSmoothing`, Mode A), per-point results
+(:class:`CertificationResult`), metrics, run directories (:class:`RunDirectory`) and the ``certkit`` CLI.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .bounds import ConfidenceInterval, clopper_pearson, hoeffding, hoeffding_halfwidth
+from .errors import CertkitError, InputError, RecordError, UnknownNameError
+from .metrics import certified_trigger_robustness, defense_effectiveness_rating, empirical_metrics
+from .radius import gaussian_radius
+from .records import RunDirectory
+from .results import CertificationResult
+from .smoothing import PredictionResult, RandomizedSmoothing
+
+__all__ = [
+    "CertificationResult",
+    "CertkitError",
+    "ConfidenceInterval",
+    "InputError",
+    "PredictionResult",
+    "RandomizedSmoothing",
+    "RecordError",
+    "RunDirectory",
+    "UnknownNameError",
+    "__version__",
+    "certified_trigger_robustness",
+    "clopper_pearson",
+    "defense_effectiveness_rating",
+    "empirical_metrics",
+    "gaussian_radius",
+    "hoeffding",
+    "hoeffding_halfwidth",
+]

@@ -1,0 +1,138 @@
+"""Empirical and certified backdoor-robustness metrics (DESIGN.md section 6).
+
+Empirical (of a plain model): clean accuracy (CA), attack success rate (ASR: triggered non-target test
+inputs classified as the target), robust accuracy (RA: triggered non-target inputs classified correctly),
+and the defense effectiveness rating DER = (max(0, ASR drop) - max(0, CA drop) + 1) / 2 (BackdoorBench,
+Wu et al., NeurIPS 2022 Datasets and Benchmarks).
+
+Certified (of a smoothed classifier, from a :class:`~certkit.results.CertificationResult`): certified
+accuracy at radii, average certified radius, abstain rate, and *certified trigger robustness*: the fraction
+of non-target clean test inputs that are certified correct with a radius strictly larger than the l2 norm
+the trigger adds at that input. For such a point no stamping of that trigger can change the smoothed
+prediction, so ``1 - certified_trigger_robustness`` bounds the smoothed classifier's ASR for the trigger
+(each certificate holding with probability ``1 - alpha``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InputError
+from .results import CertificationResult
+
+
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int, device: str | torch.device) -> torch.Tensor:
+    from .models import predict_labels
+
+    return predict_labels(model, x, batch_size=batch_size, device=device)
+
+
+def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024,
+                   device: str | torch.device = "auto") -> float:
+    """Fraction of ``x`` classified as ``y`` by ``model``."""
+    if len(x) != len(y):
+        raise InputError(f"x has {len(x)} inputs but y has {len(y)} labels")
+    if len(x) == 0:
+        return float("nan")
+    return float((_predict(model, x, batch_size, device) == torch.as_tensor(y).cpu()).float().mean())
+
+
+def attack_success_rate(model: nn.Module, x_triggered: torch.Tensor, target: int, *, batch_size: int = 1024,
+                        device: str | torch.device = "auto") -> float:
+    """Fraction of triggered (non-target) inputs classified as ``target``."""
+    if len(x_triggered) == 0:
+        return float("nan")
+    return float((_predict(model, x_triggered, batch_size, device) == int(target)).float().mean())
+
+
+def robust_accuracy(model: nn.Module, x_triggered: torch.Tensor, y_true: torch.Tensor, *, batch_size: int = 1024,
+                    device: str | torch.device = "auto") -> float:
+    """Fraction of triggered inputs still classified as their true label."""
+    return clean_accuracy(model, x_triggered, y_true, batch_size=batch_size, device=device)
+
+
+def defense_effectiveness_rating(ca_before: float, asr_before: float, ca_after: float, asr_after: float) -> float:
+    """DER = (max(0, ASR drop) - max(0, CA drop) + 1) / 2, in [0, 1] (BackdoorBench)."""
+    vals = (ca_before, asr_before, ca_after, asr_after)
+    if any(not (0.0 <= v <= 1.0) for v in vals):
+        raise InputError(f"accuracies and ASRs must be fractions in [0, 1], got {vals}")
+    return (max(0.0, asr_before - asr_after) - max(0.0, ca_before - ca_after) + 1.0) / 2.0
+
+
+@dataclass
+class EmpiricalMetrics:
+    """CA, ASR and RA of one model for one attack, with the sizes they are computed on."""
+
+    clean_accuracy: float
+    attack_success_rate: float
+    robust_accuracy: float
+    n_clean: int
+    n_triggered: int
+    target: int
+    trigger_norm_mean: float
+    trigger_norm_max: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def empirical_metrics(model: nn.Module, test_x: torch.Tensor, test_y: torch.Tensor, triggered: Any, *,
+                      batch_size: int = 1024, device: str | torch.device = "auto") -> EmpiricalMetrics:
+    """CA on the clean test set, ASR and RA on a :class:`~certkit.attacks.TriggeredSet`."""
+    norms = torch.as_tensor(triggered.trigger_norms, dtype=torch.float64)
+    return EmpiricalMetrics(
+        clean_accuracy=clean_accuracy(model, test_x, test_y, batch_size=batch_size, device=device),
+        attack_success_rate=attack_success_rate(model, triggered.x, triggered.target, batch_size=batch_size,
+                                                device=device),
+        robust_accuracy=robust_accuracy(model, triggered.x, triggered.y_true, batch_size=batch_size, device=device),
+        n_clean=len(test_x), n_triggered=len(triggered.x), target=int(triggered.target),
+        trigger_norm_mean=float(norms.mean()) if len(norms) else float("nan"),
+        trigger_norm_max=float(norms.max()) if len(norms) else float("nan"),
+    )
+
+
+# ---------------------------------------------------------------------- certified metrics
+def certified_accuracy(result: CertificationResult, radii: float | Sequence[float]) -> np.ndarray | float:
+    """Fraction of points correct with ``radius >= r`` for each ``r`` (Cohen et al.'s convention)."""
+    return result.certified_accuracy(radii)
+
+
+def average_certified_radius(result: CertificationResult) -> float:
+    """Mean of ``radius * correct`` over all points (abstentions count as 0)."""
+    return result.acr()
+
+
+def abstain_rate(result: CertificationResult) -> float:
+    """Fraction of points where the smoothed classifier abstains."""
+    return result.abstain_rate()
+
+
+def certified_trigger_robustness(result: CertificationResult, trigger_norms: Any = None, *,
+                                 target: int | None = None, scale: float = 1.0) -> float:
+    """Fraction of non-target clean points certified correct with ``radius > scale * trigger norm``.
+
+    Args:
+        result: certificates of the *clean* test inputs (``label`` must be known).
+        trigger_norms: per-point l2 norm of the trigger at that input, aligned with ``result`` rows
+            (default: ``result.trigger_norm``); a scalar applies to every point.
+        target: the attack's target class; points whose true label is the target are excluded.
+        scale: multiplies the norm (e.g. ``sqrt(r + 1)`` for a training-time joint certificate).
+    ``1 -`` this value is a certified upper bound on the smoothed classifier's ASR for the trigger.
+    """
+    if (result.label < 0).any():
+        raise InputError("certified trigger robustness needs the true labels of the certified points")
+    norms = result.trigger_norm if trigger_norms is None else np.asarray(trigger_norms, dtype=np.float64)
+    norms = np.broadcast_to(norms, result.radius.shape)
+    if np.isnan(norms).any():
+        raise InputError("trigger norms are missing (NaN) for some points; pass trigger_norms=")
+    keep = np.ones(len(result), dtype=bool) if target is None else result.label != int(target)
+    if not keep.any():
+        return float("nan")
+    covered = result.correct & (result.radius > scale * norms)
+    return float(covered[keep].mean())
