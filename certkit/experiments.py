@@ -277,8 +277,8 @@ def write_plots(run: RunDirectory, clean_results: Sequence[CertificationResult],
     from .plots import plot_certified_accuracy, save_figure
 
     markers = [trigger_norm] if trigger_norm is not None and math.isfinite(trigger_norm) else None
-    ax = plot_certified_accuracy(list(clean_results), markers=markers,
-                                 title="certified accuracy (clean test set); dotted: median trigger l2 norm")
+    ax = plot_certified_accuracy(list(clean_results), markers=markers, marker_label="trigger l2 norm (median)",
+                                 title="Test-time smoothing: clean test set")
     if markers:
         ax.set_xlim(0, max(ax.get_xlim()[1], markers[0] * 1.1))
     return save_figure(ax, run.file("plots/certified_accuracy.png"))

@@ -46,6 +46,7 @@ def plot_certified_accuracy(
     max_radius: float | None = None,
     title: str | None = None,
     markers: Sequence[float] | None = None,
+    marker_label: str = "trigger l2 norm",
     **kwargs: Any,
 ) -> Any:
     """Certified accuracy vs l2 radius for each result on one axes.
@@ -57,6 +58,7 @@ def plot_certified_accuracy(
         max_radius: right end of the x axis (default: largest radius plus 5%).
         title: axes title.
         markers: radii at which to draw dotted vertical lines (e.g. trigger norms).
+        marker_label: legend entry of the marker lines.
     Returns the axes.
     """
     results = list(results)
@@ -76,8 +78,8 @@ def plot_certified_accuracy(
             lab = res.meta.get("name") or f"sigma={np.nanmedian(res.sigma):g}"
         radii, acc = curve(res, max_radius=max_radius)
         ax.plot(radii, acc, label=lab, drawstyle="steps-post", **kwargs)
-    for m in markers or ():
-        ax.axvline(m, color="grey", linestyle=":", linewidth=1)
+    for i, m in enumerate(markers or ()):
+        ax.axvline(m, color="grey", linestyle=":", linewidth=1.5, label=marker_label if i == 0 else None)
     ax.set_xlabel("radius (l2, pixel units)")
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(0.0, 1.02)
@@ -91,9 +93,9 @@ def plot_certified_accuracy(
 
 def save_figure(ax: Any, path: str | Path, dpi: int = 120) -> Path:
     """Save the figure holding ``ax`` to ``path`` (parent folders created, atomic) and close it."""
-    from .records import atomic_write_bytes
-
     import io
+
+    from .records import atomic_write_bytes
 
     plt = _pyplot()
     fig = ax.figure
