@@ -1,6 +1,13 @@
-"""Benchmark: certkit.clopper_pearson against statsmodels and SciPy on random (k, n) pairs.
+"""Benchmark: certkit.clopper_pearson against statsmodels and SciPy on 1e6 (k, n) pairs.
 
-Measures, in one run and on the same pairs (n uniform in [1, max_n], k uniform in [0, n], two-sided):
+Two workloads (``--workload``):
+
+- ``uniform``: n uniform in [1, max_n], k uniform in [0, n]: nearly every pair distinct (the worst case);
+- ``certification``: the counts a certification run produces: n in {1e3, 1e4, 1e5} (the sample sizes of
+  Cohen et al. / RAB), k ~ Binomial(n, p) with the top-class probability p ~ Beta(30, 1) (mostly
+  confident points), so pairs repeat and certkit's de-duplication applies.
+
+Measures, in one run and on the same pairs (two-sided):
 
 - ``certkit.bounds.clopper_pearson`` (numba, parallel over pairs, SciPy's compiled Boost inverses), also
   restricted to one thread to separate the per-pair cost from the parallel speed-up;
@@ -49,6 +56,15 @@ def scipy_vectorised(k: np.ndarray, n: np.ndarray, alpha: float) -> tuple[np.nda
     return np.where(k == 0, 0.0, low), np.where(k == n, 1.0, high)
 
 
+def make_pairs(workload: str, pairs: int, max_n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(k, n) integer arrays of the named workload."""
+    if workload == "uniform":
+        n = rng.integers(1, max_n + 1, size=pairs)
+        return rng.integers(0, n + 1), n
+    n = rng.choice(np.array([1_000, 10_000, 100_000]), size=pairs)
+    return rng.binomial(n, rng.beta(30.0, 1.0, size=pairs)), n
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -64,21 +80,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alpha", type=float, default=1e-3, help="two-sided error level (default 1e-3)")
     parser.add_argument("--repeat", type=int, default=3, help="best of this many runs for vectorised methods")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workload", choices=["uniform", "certification", "both"], default="both")
     args = parser.parse_args(argv)
 
-    rng = np.random.default_rng(args.seed)
-    n = rng.integers(1, args.max_n + 1, size=args.pairs)
-    k = rng.integers(0, n + 1)
-    alpha = args.alpha
-    print(
-        f"{args.pairs:,} pairs, n in [1, {args.max_n:,}], alpha={alpha:g} two-sided; "
-        f"{os.cpu_count()} CPUs, numba threads {numba.get_num_threads()} ({numba.config.THREADING_LAYER})"
-    )
-
     t0 = time.perf_counter()
-    clopper_pearson(k[:100], n[:100], alpha)
+    clopper_pearson(np.arange(100), np.full(100, 100), args.alpha)
     compile_s = time.perf_counter() - t0
     print(f"numba compile (first call, excluded below): {compile_s:.2f} s")
+    rng = np.random.default_rng(args.seed)
+    for workload in (["uniform", "certification"] if args.workload == "both" else [args.workload]):
+        k, n = make_pairs(workload, args.pairs, args.max_n, rng)
+        run_workload(workload, k, n, args)
+
+
+def run_workload(workload: str, k: np.ndarray, n: np.ndarray, args: argparse.Namespace) -> None:
+    """Time every method on the same pairs and print the table."""
+    alpha = args.alpha
+    distinct = len(np.unique(n * (int(n.max()) + 1) + k))
+    print(
+        f"\n[{workload}] {args.pairs:,} pairs ({distinct:,} distinct), n in [{n.min():,}, {n.max():,}], "
+        f"alpha={alpha:g} two-sided; {os.cpu_count()} CPUs, numba threads {numba.get_num_threads()} "
+        f"({numba.config.THREADING_LAYER})"
+    )
 
     t_ck, (ck_low, ck_high) = best_of(lambda: tuple(clopper_pearson(k, n, alpha)), args.repeat)
     threads = numba.get_num_threads()
@@ -112,12 +135,11 @@ def main(argv: list[str] | None = None) -> None:
             f"extrapolated from {m:,} pairs",
         ),
     ]
-    print()
     print(f"{'method':<48} {'time [s]':>10} {'pairs/s':>12} {'certkit x':>10} {'max |diff|':>11}  note")
     for name, t, diff, note in rows:
         print(f"{name:<48} {t:>10.3f} {args.pairs / t:>12,.0f} {t / t_ck:>10.1f} {diff:>11.1e}  {note}")
     print(
-        f"\nper-point statsmodels loop measured {t_loop_measured:.2f} s on {m:,} pairs "
+        f"per-point statsmodels loop measured {t_loop_measured:.2f} s on {m:,} pairs "
         f"({t_loop_measured / m * 1e6:.1f} us/pair), extrapolated to {args.pairs:,} pairs; "
         "'certkit x' = time / certkit time (>1: certkit is faster)"
     )

