@@ -17,6 +17,13 @@ from .errors import CertkitError
 EPILOG = "Run directories hold manifest.json, summary.json, points.csv, models/ and plots/ (see DESIGN.md section 7)."
 
 
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line (``certkit: error: ...``) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"certkit: error: {self.prog}: {message} (see --help)\n")
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -61,9 +68,9 @@ def _add_certify_flags(p: argparse.ArgumentParser, *, n_default: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``certkit`` argument parser (every flag documented in ``--help``)."""
-    parser = argparse.ArgumentParser(prog="certkit", description="Certified backdoor robustness: "
+    parser = _Parser(prog="certkit", description="Certified backdoor robustness: "
                                      "randomized smoothing, exact bounds, run directories.", epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="train a backdoored CNN on digits, certify it, write a run directory",
                           description="Train a BadNets-backdoored CNN on scikit-learn's digits, report CA and ASR, "
@@ -112,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="smoothing sigma(s) for the chosen models (default: each model's training sigma)")
     cert.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     cert.add_argument("--batch-size", type=int, default=2000, help="noisy copies per forward pass (default: 2000)")
+    cert.add_argument("--dataset", default=None,
+                      help="certify on another dataset of the same input shape and classes "
+                      "(digits | mnist | cifar10 | gtsrb | npz:PATH | folder:PATH; default: the run's)")
+    cert.add_argument("--data-root", default=None, help="folder for torchvision datasets (with --dataset)")
     cert.add_argument("--download", action="store_true", help="allow torchvision to download the dataset")
     _add_certify_flags(cert, n_default=10_000)
     _add_common(cert)
@@ -196,7 +207,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         check_positive_int(args.batch_size, "--batch-size")
         pairs = _certify_pairs(run, args.model, args.sigma)
         ex.certify_run(run, ex.CertifyConfig(pairs=pairs, n0=args.n0, n=args.n, alpha=args.alpha, seed=args.seed,
-                                             batch_size=args.batch_size, max_points=args.max_points),
+                                             batch_size=args.batch_size, max_points=args.max_points,
+                                             dataset=args.dataset, data_root=args.data_root),
                        device=args.device, progress=progress, download=args.download)
         print()
         print(ex.report(run.path, replot=False))

@@ -15,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,18 @@ class CertifyConfig:
     batch_size: int = 2000
     max_points: int | None = None
     radii: tuple[float, ...] = DEFAULT_RADII
+    dataset: str | None = None  # certify on another dataset than the run's (same shape and classes)
+    data_root: str | None = None
+
+
+def _check_compatible(spec: dict[str, Any], splits: Any, model_name: str) -> None:
+    """Refuse to certify a model on data of another shape or number of classes."""
+    kw = spec.get("kwargs", {})
+    want = (kw.get("num_classes"), tuple(kw.get("input_shape", ())))
+    have = (splits.num_classes, tuple(splits.input_shape))
+    if want != have:
+        raise InputError(f"model {model_name!r} expects {want[0]} classes and inputs {want[1]}, but dataset "
+                         f"{splits.name!r} has {have[0]} classes and inputs {have[1]}")
 
 
 def _read_summary(run: RunDirectory) -> dict[str, Any]:
@@ -202,6 +214,8 @@ def certify_run(run: RunDirectory, cfg: CertifyConfig, *, device: str = "auto", 
     from .smoothing import RandomizedSmoothing
 
     train_cfg = TrainConfig.from_dict(run.config["train"])
+    if cfg.dataset is not None:
+        train_cfg = replace(train_cfg, dataset=cfg.dataset, data_root=cfg.data_root)
     exp = prepare(train_cfg, download=download)
     test, trig = exp.splits.test, exp.triggered
     if cfg.max_points is not None:  # a fixed-seed subsample of the test set, the same for every model
@@ -215,11 +229,13 @@ def certify_run(run: RunDirectory, cfg: CertifyConfig, *, device: str = "auto", 
     clean_results: list[CertificationResult] = []
     for model_name, sigma in cfg.pairs:
         model = run.load_model(model_name, device="cpu")
+        _check_compatible(run.model_spec(model_name), exp.splits, model_name)
         smoother = RandomizedSmoothing(model, exp.splits.num_classes, sigma, batch_size=cfg.batch_size,
                                        device=device, seed=cfg.seed, progress=progress)
         settings = {"model": model_name, "model_sha256": run.manifest["models"][model_name]["sha256"],
                     "sigma": sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "seed": cfg.seed,
-                    "max_points": cfg.max_points}
+                    "max_points": cfg.max_points, "dataset": train_cfg.dataset,
+                    "test_sha256": test.sha256()}
         label = f"{model_name}, sigma={sigma:g}"
         t0 = time.perf_counter()
         clean = _load_or_certify(

@@ -40,7 +40,7 @@ def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_
         raise InputError(f"x has {len(x)} inputs but y has {len(y)} labels")
     if len(x) == 0:
         return float("nan")
-    return float((_predict(model, x, batch_size, device) == torch.as_tensor(y).cpu()).float().mean())
+    return float((_predict(model, x, batch_size, device) == torch.as_tensor(y).cpu()).double().mean())
 
 
 def attack_success_rate(model: nn.Module, x_triggered: torch.Tensor, target: int, *, batch_size: int = 1024,
@@ -48,7 +48,7 @@ def attack_success_rate(model: nn.Module, x_triggered: torch.Tensor, target: int
     """Fraction of triggered (non-target) inputs classified as ``target``."""
     if len(x_triggered) == 0:
         return float("nan")
-    return float((_predict(model, x_triggered, batch_size, device) == int(target)).float().mean())
+    return float((_predict(model, x_triggered, batch_size, device) == int(target)).double().mean())
 
 
 def robust_accuracy(model: nn.Module, x_triggered: torch.Tensor, y_true: torch.Tensor, *, batch_size: int = 1024,

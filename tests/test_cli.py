@@ -135,3 +135,26 @@ def test_every_flag_is_documented():
         for a in action._actions:
             if a.option_strings and a.dest != "help":
                 assert a.help, f"{action.prog} {a.option_strings} has no help"
+
+
+def test_usage_errors_are_one_line_with_exit_code_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["certify"])  # missing RUN_DIR
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("certkit: error:") and "run_dir" in err[0]
+    with pytest.raises(SystemExit):
+        main(["demo", "--sigmas", "-0.5"])
+    assert "positive" in capsys.readouterr().err
+
+
+def test_certify_on_another_dataset_checks_shapes(demo_run, tmp_path, capsys):
+    import numpy as np
+
+    bad = tmp_path / "rgb.npz"
+    x = np.zeros((20, 8, 8, 3), dtype=np.uint8)
+    y = np.arange(20) % 10
+    np.savez(bad, x_train=x, y_train=y, x_test=x, y_test=y)
+    code = main(["certify", str(demo_run), "--dataset", f"npz:{bad}", "--n0", "5", "--n", "10", "--no-progress"])
+    assert code == 2
+    assert "expects 10 classes and inputs (1, 8, 8)" in capsys.readouterr().err
