@@ -38,26 +38,9 @@ from .devices import resolve_device
 from .errors import InputError
 from .radius import cohen_certify_counts
 from .results import CertificationResult
+from .seeding import STREAM_ESTIMATE, STREAM_PREDICT, STREAM_SELECT, derive_seed
 
-_MASK64 = (1 << 64) - 1
-
-#: Noise streams: selection draws (n0), estimation draws (n) and PREDICT draws use disjoint randomness.
-STREAM_SELECT, STREAM_ESTIMATE, STREAM_PREDICT = 0, 1, 2
-
-
-def _splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (splitmix64 chain): distinct tuples give unrelated seeds."""
-    h = 0x6A09E667F3BCC909
-    for p in parts:
-        h = _splitmix64(h ^ (int(p) & _MASK64))
-    return h & ((1 << 63) - 1)
+__all__ = ["PredictionResult", "RandomizedSmoothing", "derive_seed"]
 
 
 @dataclass
