@@ -76,9 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Train a BadNets-backdoored CNN on scikit-learn's digits, report CA and ASR, "
                           "certify the clean and triggered test sets with test-time smoothing at each sigma "
                           "(base models trained with noise at that sigma) and report certified trigger robustness.")
-    demo.add_argument("--out", default="runs/demo", help="run directory (resumed if it exists; default: runs/demo)")
-    demo.add_argument("--sigmas", type=_positive_float, nargs="+", default=[0.12, 0.25, 0.5],
-                      help="smoothing noise levels in pixel units (default: 0.12 0.25 0.5)")
+    demo.add_argument("--mode", choices=["test-time", "ensemble"], default="test-time",
+                      help="test-time: Cohen smoothing of single models (Mode A); ensemble: a RAB ensemble "
+                      "trained on noised data (Mode B) (default: test-time)")
+    demo.add_argument("--out", default=None,
+                      help="run directory (resumed if it exists; default: runs/demo or runs/demo-ensemble)")
+    demo.add_argument("--sigmas", type=_positive_float, nargs="+", default=None,
+                      help="noise levels in pixel units (default: 0.12 0.25 0.5 for test-time; 0.5 for ensemble, "
+                      "one run directory per sigma)")
+    demo.add_argument("--members", type=int, default=50, help="ensemble mode: number of members M (default: 50)")
+    demo.add_argument("--n-jobs", type=int, default=2, help="ensemble mode: parallel training jobs (default: 2)")
     demo.add_argument("--attack", default="badnets", help="attack name (default: badnets)")
     demo.add_argument("--attack-params", type=_json_dict, default={},
                       help="attack parameters as JSON, e.g. '{\"patch_size\": 3}'")
@@ -126,6 +133,46 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--download", action="store_true", help="allow torchvision to download the dataset")
     _add_certify_flags(cert, n_default=10_000)
     _add_common(cert)
+
+    ens = sub.add_parser("ensemble", help="training-time smoothing (RAB ensembles): train, certify",
+                         description="Mode B: an ensemble of models trained on noised (possibly poisoned) data.")
+    ens_sub = ens.add_subparsers(dest="ensemble_command", metavar="ACTION", parser_class=_Parser)
+    etrain = ens_sub.add_parser("train", help="train (or resume) the members of an ensemble run",
+                                description="Train M members, each on the poisoned training set plus one fixed "
+                                "Gaussian draw per training input; finished members are kept on resume.")
+    etrain.add_argument("--out", required=True, help="run directory to create (or resume)")
+    etrain.add_argument("--dataset", default="digits",
+                        help="digits | mnist | cifar10 | gtsrb | npz:PATH | folder:PATH (default: digits)")
+    etrain.add_argument("--data-root", default=None, help="folder for torchvision datasets")
+    etrain.add_argument("--download", action="store_true", help="allow torchvision to download the dataset")
+    etrain.add_argument("--model", default="digits-cnn", help="member architecture (default: digits-cnn)")
+    etrain.add_argument("--attack", default="badnets", help="attack name (default: badnets)")
+    etrain.add_argument("--attack-params", type=_json_dict, default={}, help="attack parameters as JSON")
+    etrain.add_argument("--poison-rate", type=float, default=0.02, help="fraction of training data poisoned (default: 0.02)")
+    etrain.add_argument("--target", type=int, default=0, help="target class (default: 0)")
+    etrain.add_argument("--members", type=int, default=50, help="number of members M (default: 50)")
+    etrain.add_argument("--sigma", type=_positive_float, default=0.5, help="training and test noise std (default: 0.5)")
+    etrain.add_argument("--epochs", type=int, default=10, help="epochs per member (default: 10)")
+    etrain.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    etrain.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
+    etrain.add_argument("--seed", type=int, default=0, help="run seed; member seeds derive from (seed, member) (default: 0)")
+    etrain.add_argument("--n-jobs", type=int, default=1, help="parallel member trainings with joblib (default: 1)")
+    etrain.add_argument("--scheduler", default=None,
+                        help="Dask scheduler address tcp://HOST:PORT: train members on that cluster instead of joblib")
+    _add_common(etrain)
+    ecert = ens_sub.add_parser("certify", help="certify an ensemble run (votes are saved and reused)",
+                               description="Collect the members' votes on the clean and triggered test sets (once) "
+                               "and turn them into certificates for the given alpha and bound.")
+    ecert.add_argument("run_dir", help="ensemble run directory")
+    ecert.add_argument("--alpha", type=float, default=0.001, help="failure probability per certificate (default: 0.001)")
+    ecert.add_argument("--bound", choices=["clopper-pearson", "hoeffding"], default="clopper-pearson",
+                       help="hard votes with Clopper-Pearson, or mean soft scores with Hoeffding (default: clopper-pearson)")
+    ecert.add_argument("--no-selection-correction", action="store_true",
+                       help="bound pA and pB at alpha each as the released RAB code does (not covered against "
+                       "choosing the class from the same votes; for comparison only)")
+    ecert.add_argument("--max-points", type=int, default=None, help="certify a fixed-seed subsample of the test set")
+    ecert.add_argument("--batch-size", type=int, default=1024, help="inputs per forward pass (default: 1024)")
+    _add_common(ecert)
 
     rep = sub.add_parser("report", help="verify a run directory, redraw its plots and print its table")
     rep.add_argument("run_dir", help="run directory")
@@ -176,14 +223,34 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .records import RunDirectory
 
     progress = not getattr(args, "no_progress", False)
-    if args.command in ("demo", "certify"):
+    if args.command in ("demo", "certify") or getattr(args, "ensemble_command", None) == "certify":
         check_alpha(args.alpha)
-        check_positive_int(args.n0, "--n0")
-        check_positive_int(args.n, "--n")
+        if args.command != "ensemble":
+            check_positive_int(args.n0, "--n0")
+            check_positive_int(args.n, "--n")
         if args.max_points is not None:
             check_positive_int(args.max_points, "--max-points")
+    if args.command == "demo" and args.mode == "ensemble":
+        from .ensemble_runs import run_ensemble_demo
+
+        sigmas = args.sigmas or [0.5]
+        out = args.out or "runs/demo-ensemble"
+        for sigma in sigmas:
+            sub_out = out if len(sigmas) == 1 else f"{out}/sigma-{sigma:g}"
+            table = run_ensemble_demo(sub_out, sigma=sigma, members=check_positive_int(args.members, "--members"),
+                                      attack=args.attack, attack_params=args.attack_params,
+                                      poison_rate=args.poison_rate, target=args.target, epochs=args.epochs,
+                                      alpha=args.alpha, seed=args.seed, max_points=args.max_points,
+                                      n_jobs=check_positive_int(args.n_jobs, "--n-jobs"), device=args.device,
+                                      progress=progress)
+            print()
+            print(table)
+            print(f"\nrun directory: {sub_out}  (summary.json, points.csv, votes/, plots/certified_accuracy.png)")
+        return 0
     if args.command == "demo":
-        table = ex.run_demo(args.out, sigmas=args.sigmas, attack=args.attack, attack_params=args.attack_params,
+        args.out = args.out or "runs/demo"
+        table = ex.run_demo(args.out, sigmas=args.sigmas or [0.12, 0.25, 0.5], attack=args.attack,
+                            attack_params=args.attack_params,
                             poison_rate=args.poison_rate, target=args.target, epochs=args.epochs, n0=args.n0,
                             n=args.n, alpha=args.alpha, seed=args.seed, max_points=args.max_points,
                             device=args.device, progress=progress)
@@ -213,6 +280,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print()
         print(ex.report(run.path, replot=False))
         return 0
+    if args.command == "ensemble":
+        return _dispatch_ensemble(args, progress)
     if args.command == "report":
         if args.json:
             run = RunDirectory.open(args.run_dir)
@@ -221,6 +290,36 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(ex.report(args.run_dir))
         return 0
     raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
+
+
+def _dispatch_ensemble(args: argparse.Namespace, progress: bool) -> int:
+    from . import ensemble_runs as er
+    from ._validation import check_positive_int
+    from .ensemble_training import EnsembleSpec, train_ensemble
+    from .records import RunDirectory
+
+    if args.ensemble_command is None:
+        print("certkit: error: ensemble needs an action: train or certify (see --help)", file=sys.stderr)
+        return 2
+    if args.ensemble_command == "train":
+        spec = EnsembleSpec(dataset=args.dataset, data_root=args.data_root, model=args.model, attack=args.attack,
+                            attack_params=args.attack_params, poison_rate=args.poison_rate, target=args.target,
+                            members=check_positive_int(args.members, "--members"), sigma=args.sigma,
+                            epochs=check_positive_int(args.epochs, "--epochs"), lr=args.lr,
+                            batch_size=check_positive_int(args.batch_size, "--batch-size"), seed=args.seed)
+        run = train_ensemble(spec, args.out, n_jobs=check_positive_int(args.n_jobs, "--n-jobs"),
+                             scheduler=args.scheduler, device=args.device, progress=progress)
+        er.train_undefended(run, spec, er.prepare_data(spec), device=args.device, progress=progress, log=print)
+        print(f"run directory: {run.path}")
+        return 0
+    cfg = er.check_ensemble_certify_config(er.EnsembleCertifyConfig(
+        alpha=args.alpha, bound=args.bound, selection_correction=not args.no_selection_correction,
+        max_points=args.max_points, batch_size=args.batch_size))
+    run = RunDirectory.open(args.run_dir)
+    summary = er.certify_ensemble_run(run, cfg, device=args.device, progress=progress)
+    print()
+    print(er.ensemble_report_table(summary))
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -343,6 +343,12 @@ def report(run_dir: str | Path, *, replot: bool = True) -> str:
     if problems:
         raise RecordError(f"run directory {run.path} failed verification: " + "; ".join(problems))
     summary = _read_summary(run)
+    if run.kind == "ensemble":
+        from .ensemble_runs import ensemble_report_table
+
+        if not summary:
+            raise RecordError(f"ensemble run {run.path} has no summary.json yet: run `certkit ensemble certify` first")
+        return ensemble_report_table(summary)
     if not summary:
         raise RecordError(f"run directory {run.path} has no summary.json yet: run `certkit train` first")
     if replot and summary.get("certified"):
