@@ -67,20 +67,28 @@ class ArrayDataset:
         y: int64 tensor ``[N]`` of labels in ``[0, num_classes)``.
         num_classes: number of classes of the task (not necessarily all present in ``y``).
         name: free-form name used in logs and run manifests.
+        check_range: reject values outside ``[0, 1]`` (default). ``False`` is meant for training sets
+            poisoned with an *unclipped* additive trigger (RAB's triggers, :mod:`certkit.attacks`), whose
+            inputs may leave ``[0, 1]``; the other checks still apply and :meth:`subset` keeps the flag.
 
     Float inputs of another precision and integer labels of another width are converted; anything else
-    (wrong shape, NaN/inf, values outside ``[0, 1]``, labels out of range) raises :class:`InputError`.
+    (wrong shape, NaN/inf, values outside ``[0, 1]`` unless ``check_range=False``, labels out of range)
+    raises :class:`InputError`.
     """
 
     x: torch.Tensor
     y: torch.Tensor
     num_classes: int
     name: str = ""
+    check_range: bool = True
 
     def __post_init__(self) -> None:
         self.num_classes = check_positive_int(self.num_classes, "num_classes")
         if not isinstance(self.name, str):
             raise InputError(f"name must be a string, got {type(self.name).__name__}")
+        if not isinstance(self.check_range, (bool, np.bool_)):
+            raise InputError(f"check_range must be a bool, got {self.check_range!r}")
+        self.check_range = bool(self.check_range)
         x = torch.as_tensor(self.x).detach().cpu() if not isinstance(self.x, torch.Tensor) else self.x.detach().cpu()
         if not torch.is_floating_point(x):
             raise InputError(
@@ -102,7 +110,7 @@ class ArrayDataset:
             if not bool(torch.isfinite(x).all()):
                 raise InputError("x contains NaN or inf values")
             lo, hi = float(x.min()), float(x.max())
-            if lo < 0.0 or hi > 1.0:
+            if self.check_range and (lo < 0.0 or hi > 1.0):
                 raise InputError(f"x must lie in [0, 1] (pixel units), got min {lo:g}, max {hi:g}")
         if y.numel():
             ylo, yhi = int(y.min()), int(y.max())
@@ -143,7 +151,9 @@ class ArrayDataset:
         idx = idx.to(torch.int64).flatten()
         if idx.numel() and (int(idx.min()) < -len(self) or int(idx.max()) >= len(self)):
             raise InputError(f"indices out of range for a dataset of {len(self)} inputs")
-        return ArrayDataset(self.x[idx].clone(), self.y[idx].clone(), self.num_classes, self.name)
+        return ArrayDataset(
+            self.x[idx].clone(), self.y[idx].clone(), self.num_classes, self.name, check_range=self.check_range
+        )
 
     def sha256(self) -> str:
         """Hex SHA-256 of the data: shapes and dtypes, then the raw bytes of ``x`` and of ``y``.
