@@ -1,6 +1,13 @@
 """Training one classifier, optionally with Gaussian noise augmentation (the base model of randomized
 smoothing, Cohen et al. 2019; RAB's training-time smoothing adds noise to the training inputs).
 
+Two kinds of training noise (they may be combined; both are added in pixel units and never clipped):
+
+* ``noise_sigma``: fresh Gaussian noise for every batch (Cohen et al. 2019, test-time smoothing's base model);
+* ``fixed_noise``: one given perturbation per training input, indexed like the data and added to that
+  input in every epoch (RAB's ``SmoothedDataset``: one draw per ensemble member, kept for all epochs; see
+  :mod:`certkit.ensemble_training`). The addition happens on the CPU before the batch moves to the device.
+
 Determinism: shuffling uses a CPU ``torch.Generator`` seeded with ``seed``, the noise a generator on the
 training device seeded with ``seed + 1``, and any other randomness of the model (e.g. dropout) the global
 RNG, re-seeded with ``seed`` inside :func:`torch.random.fork_rng` so the caller's RNG state is untouched.
@@ -54,6 +61,21 @@ def _nonneg_float(value: Any, name: str, strict: bool = False) -> float:
     return v
 
 
+def _check_fixed_noise(noise: Any, data: ArrayDataset) -> torch.Tensor:
+    if not isinstance(noise, torch.Tensor):
+        raise InputError(f"fixed_noise must be a torch.Tensor or None, got {type(noise).__name__}")
+    if not torch.is_floating_point(noise):
+        raise InputError(f"fixed_noise must be a floating-point tensor, got dtype {noise.dtype}")
+    if tuple(noise.shape) != tuple(data.x.shape):
+        raise InputError(
+            f"fixed_noise must have the shape of the training inputs {tuple(data.x.shape)}, got {tuple(noise.shape)}"
+        )
+    noise = noise.detach().to(device="cpu", dtype=data.x.dtype).contiguous()
+    if not bool(torch.isfinite(noise).all()):
+        raise InputError("fixed_noise contains NaN or inf values")
+    return noise
+
+
 def _model_device(model: nn.Module) -> torch.device | None:
     for t in model.parameters():
         return t.device
@@ -71,6 +93,7 @@ def train_model(
     weight_decay: float = 0.0,
     momentum: float = 0.9,
     noise_sigma: float = 0.0,
+    fixed_noise: torch.Tensor | None = None,
     seed: int = 0,
     device: str | torch.device = "auto",
     progress: bool = True,
@@ -85,6 +108,9 @@ def train_model(
         optimizer: ``"adam"`` or ``"sgd"`` (SGD uses ``momentum``); ``weight_decay`` applies to both.
         noise_sigma: std (pixel units) of Gaussian noise added to every training batch, drawn afresh each
             batch (Cohen et al. 2019); 0 trains on clean inputs. Noisy inputs are not clipped.
+        fixed_noise: optional tensor of the shape of ``data.x`` (``[N, C, H, W]``, finite): row ``i`` is
+            added to input ``i`` in every epoch (fixed per-sample noise, RAB); ``None`` (default) adds
+            nothing. Combined with ``noise_sigma`` both are added.
         seed: seed of the shuffling, the noise and the model's own randomness.
         device: ``"auto" | "cpu" | "cuda"``; the model goes back to its original device afterwards.
         progress: show a tqdm bar over epochs with the loss and accuracy.
@@ -105,6 +131,8 @@ def train_model(
     momentum = _nonneg_float(momentum, "momentum")
     noise_sigma = _nonneg_float(noise_sigma, "noise_sigma")
     optimizer = check_choice(optimizer, OPTIMIZERS, "optimizer")
+    if fixed_noise is not None:
+        fixed_noise = _check_fixed_noise(fixed_noise, data)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
@@ -145,7 +173,10 @@ def train_model(
                 total_loss, correct = 0.0, 0
                 for b, start in enumerate(range(0, n, batch_size)):
                     idx = perm[start : start + batch_size]
-                    xb = data.x[idx].to(dev, non_blocking=True)
+                    xb = data.x[idx]
+                    if fixed_noise is not None:
+                        xb = xb + fixed_noise[idx]
+                    xb = xb.to(dev, non_blocking=True)
                     yb = data.y[idx].to(dev, non_blocking=True)
                     if noise_sigma > 0:
                         xb = xb + noise_sigma * torch.randn(
