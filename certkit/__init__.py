@@ -10,6 +10,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .bounds import ConfidenceInterval, clopper_pearson, hoeffding, hoeffding_halfwidth
+from .ensemble import EnsembleVotes, SmoothedEnsemble, certify_votes
+from .ensemble_training import EnsembleSpec, train_ensemble, train_member
 from .errors import CertkitError, InputError, RecordError, UnknownNameError
 from .metrics import certified_trigger_robustness, defense_effectiveness_rating, empirical_metrics
 from .radius import gaussian_radius
@@ -21,18 +23,24 @@ __all__ = [
     "CertificationResult",
     "CertkitError",
     "ConfidenceInterval",
+    "EnsembleSpec",
+    "EnsembleVotes",
     "InputError",
     "PredictionResult",
     "RandomizedSmoothing",
     "RecordError",
     "RunDirectory",
+    "SmoothedEnsemble",
     "UnknownNameError",
     "__version__",
     "certified_trigger_robustness",
+    "certify_votes",
     "clopper_pearson",
     "defense_effectiveness_rating",
     "empirical_metrics",
     "gaussian_radius",
     "hoeffding",
     "hoeffding_halfwidth",
+    "train_ensemble",
+    "train_member",
 ]

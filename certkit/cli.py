@@ -89,9 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--attack", default="badnets", help="attack name (default: badnets)")
     demo.add_argument("--attack-params", type=_json_dict, default={},
                       help="attack parameters as JSON, e.g. '{\"patch_size\": 3}'")
-    demo.add_argument("--poison-rate", type=float, default=0.1, help="fraction of training data poisoned (default: 0.1)")
+    demo.add_argument("--poison-rate", type=float, default=None,
+                      help="fraction of training data poisoned (default: 0.1 test-time, 0.02 ensemble as in RAB)")
     demo.add_argument("--target", type=int, default=0, help="target class of the backdoor (default: 0)")
-    demo.add_argument("--epochs", type=int, default=30, help="training epochs per model (default: 30)")
+    demo.add_argument("--epochs", type=int, default=None,
+                      help="training epochs per model (default: 30 test-time, 10 per ensemble member)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the split, poisoning, training and noise (default: 0)")
     _add_certify_flags(demo, n_default=1000)
     _add_common(demo)
@@ -239,7 +241,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             sub_out = out if len(sigmas) == 1 else f"{out}/sigma-{sigma:g}"
             table = run_ensemble_demo(sub_out, sigma=sigma, members=check_positive_int(args.members, "--members"),
                                       attack=args.attack, attack_params=args.attack_params,
-                                      poison_rate=args.poison_rate, target=args.target, epochs=args.epochs,
+                                      poison_rate=0.02 if args.poison_rate is None else args.poison_rate,
+                                      target=args.target, epochs=10 if args.epochs is None else args.epochs,
                                       alpha=args.alpha, seed=args.seed, max_points=args.max_points,
                                       n_jobs=check_positive_int(args.n_jobs, "--n-jobs"), device=args.device,
                                       progress=progress)
@@ -251,7 +254,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         args.out = args.out or "runs/demo"
         table = ex.run_demo(args.out, sigmas=args.sigmas or [0.12, 0.25, 0.5], attack=args.attack,
                             attack_params=args.attack_params,
-                            poison_rate=args.poison_rate, target=args.target, epochs=args.epochs, n0=args.n0,
+                            poison_rate=0.1 if args.poison_rate is None else args.poison_rate, target=args.target,
+                            epochs=30 if args.epochs is None else args.epochs, n0=args.n0,
                             n=args.n, alpha=args.alpha, seed=args.seed, max_points=args.max_points,
                             device=args.device, progress=progress)
         print()
