@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -240,14 +241,13 @@ def certify_run(run: RunDirectory, cfg: CertifyConfig, *, device: str = "auto", 
         t0 = time.perf_counter()
         clean = _load_or_certify(
             run, _cert_file(model_name, sigma, "clean"), {**settings, "set": "clean"},
-            lambda: smoother.certify(test.x[keep], test.y[keep], n0=cfg.n0, n=cfg.n, alpha=cfg.alpha,
-                                     ids=torch.as_tensor(keep), trigger_norm=exp.test_trigger_norms[keep],
-                                     name=label))
+            partial(smoother.certify, test.x[keep], test.y[keep], n0=cfg.n0, n=cfg.n, alpha=cfg.alpha,
+                    ids=torch.as_tensor(keep), trigger_norm=exp.test_trigger_norms[keep], name=label))
         triggered = _load_or_certify(
             run, _cert_file(model_name, sigma, "triggered"), {**settings, "set": "triggered"},
-            lambda: smoother.certify(trig.x[keep_trig], trig.y_true[keep_trig], n0=cfg.n0, n=cfg.n,
-                                     alpha=cfg.alpha, ids=torch.as_tensor(np.asarray(trig.indices)[keep_trig]) + len(test),
-                                     triggered=True, trigger_norm=trig.trigger_norms[keep_trig], name=label))
+            partial(smoother.certify, trig.x[keep_trig], trig.y_true[keep_trig], n0=cfg.n0, n=cfg.n,
+                    alpha=cfg.alpha, ids=torch.as_tensor(np.asarray(trig.indices)[keep_trig]) + len(test),
+                    triggered=True, trigger_norm=trig.trigger_norms[keep_trig], name=label))
         run.record_timing(f"certify/{model_name}/sigma-{sigma:g}", time.perf_counter() - t0)
         clean.meta["name"] = label
         clean_results.append(clean)
