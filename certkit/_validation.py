@@ -24,6 +24,19 @@ def check_alpha(alpha: float, name: str = "alpha") -> float:
     return a
 
 
+def check_number(value: Any, name: str) -> float:
+    """Return ``value`` as a float, requiring a real number (not bool, not NaN; inf allowed)."""
+    if isinstance(value, bool):
+        raise InputError(f"{name} must be a number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name} must be a number, got {value!r}") from exc
+    if math.isnan(v):
+        raise InputError(f"{name} must be a number, got NaN")
+    return v
+
+
 def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
     """Return ``value`` as an int, requiring it to be an integer ``>= minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._validation import check_choice, check_finite_tensor, check_positive_int
+from ._validation import check_choice, check_finite_tensor, check_number, check_positive_int
 from .data import ArrayDataset
 from .errors import InputError
 
@@ -134,16 +134,7 @@ def _check_images(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     return x
 
 
-def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool):
-        raise InputError(f"{name} must be a number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{name} must be a number, got {value!r}") from exc
-    if math.isnan(v):
-        raise InputError(f"{name} must not be NaN")
-    return v
+_number = check_number
 
 
 def _check_seed(seed: Any) -> int:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._validation import check_choice, check_positive_int
+from ._validation import check_choice, check_number, check_positive_int
 from .data import ArrayDataset
 from .devices import resolve_device
 from .errors import InputError
@@ -50,12 +50,7 @@ class TrainingHistory:
 
 
 def _nonneg_float(value: Any, name: str, strict: bool = False) -> float:
-    if isinstance(value, bool):
-        raise InputError(f"{name} must be a number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{name} must be a number, got {value!r}") from exc
+    v = check_number(value, name)
     if not math.isfinite(v) or v < 0 or (strict and v == 0):
         raise InputError(f"{name} must be a finite number {'> 0' if strict else '>= 0'}, got {value!r}")
     return v
