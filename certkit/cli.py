@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="model name in the run (repeatable; default: every noise-trained model at its own sigma)")
     cert.add_argument("--sigma", type=_positive_float, nargs="+", default=None,
                       help="smoothing sigma(s) for the chosen models (default: each model's training sigma)")
+    cert.add_argument("--sigma-mode", nargs="+", choices=["fixed", "sample-specific"], default=["fixed"],
+                      help="fixed: Cohen CERTIFY at sigma; sample-specific: Cert-SSB per-point sigmas by gradient "
+                      "ascent from sigma + storage-update certification (both: curves on one plot) (default: fixed)")
+    cert.add_argument("--sigma-steps", type=int, default=1000,
+                      help="sample-specific mode: ascent steps (default: 1000, the released Cert-SSB range 850-1100)")
+    cert.add_argument("--sigma-lr", type=_positive_float, default=1e-4,
+                      help="sample-specific mode: ascent learning rate (default: 1e-4, the released value)")
     cert.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     cert.add_argument("--batch-size", type=int, default=2000, help="noisy copies per forward pass (default: 2000)")
     cert.add_argument("--dataset", default=None,
@@ -279,7 +286,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         pairs = _certify_pairs(run, args.model, args.sigma)
         ex.certify_run(run, ex.CertifyConfig(pairs=pairs, n0=args.n0, n=args.n, alpha=args.alpha, seed=args.seed,
                                              batch_size=args.batch_size, max_points=args.max_points,
-                                             dataset=args.dataset, data_root=args.data_root),
+                                             dataset=args.dataset, data_root=args.data_root,
+                                             sigma_modes=tuple(dict.fromkeys(args.sigma_mode)),
+                                             sigma_steps=check_positive_int(args.sigma_steps, "--sigma-steps"),
+                                             sigma_lr=args.sigma_lr),
                        device=args.device, progress=progress, download=args.download)
         print()
         print(ex.report(run.path, replot=False))

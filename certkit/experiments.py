@@ -166,6 +166,21 @@ class CertifyConfig:
     radii: tuple[float, ...] = DEFAULT_RADII
     dataset: str | None = None  # certify on another dataset than the run's (same shape and classes)
     data_root: str | None = None
+    sigma_modes: tuple[str, ...] = ("fixed",)
+    sigma_steps: int = 1000
+    sigma_lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        from ._validation import check_choice, check_positive_int
+
+        self.sigma_modes = tuple(self.sigma_modes)
+        if not self.sigma_modes:
+            raise InputError("sigma_modes must name at least one of " + ", ".join(SIGMA_MODES))
+        for m in self.sigma_modes:
+            check_choice(m, SIGMA_MODES, "sigma mode")
+        check_positive_int(self.sigma_steps, "sigma_steps")
+        if not (math.isfinite(self.sigma_lr) and self.sigma_lr > 0):
+            raise InputError(f"sigma_lr must be a positive finite number, got {self.sigma_lr}")
 
 
 def _check_compatible(spec: dict[str, Any], splits: Any, model_name: str) -> None:
@@ -205,12 +220,21 @@ def _load_or_certify(run: RunDirectory, key: str, settings: dict[str, Any], comp
     return result
 
 
+SIGMA_MODES = ("fixed", "sample-specific")
+
+
 def certify_run(run: RunDirectory, cfg: CertifyConfig, *, device: str = "auto", progress: bool = True,
                 download: bool = False, log: Any = print) -> list[dict[str, Any]]:
-    """Certify each (model, sigma) of ``cfg`` on the clean and the triggered test sets.
+    """Certify each (model, sigma) of ``cfg`` on the clean and the triggered test sets, in each sigma mode.
 
-    Writes ``certificates/*.csv``, ``points.csv`` (every row, with ``model`` and ``set`` columns),
-    ``summary.json`` (``"certified"`` rows) and ``plots/certified_accuracy.png``; returns the summary rows.
+    ``fixed``: Cohen CERTIFY at ``sigma``. ``sample-specific`` (Cert-SSB / DDRS): per-point sigmas from
+    :func:`certkit.optimize_sigma` started at ``sigma`` on the clean test image (reused for its triggered
+    copy, as Cert-SSB does), CERTIFY with each point's own sigma (the sigma that samples the noise is the
+    one in the radius), then :class:`certkit.StorageCertifier` in the test set's order, whose store
+    (``stores/*.npz``) is part of the certified classifier: inside a stored ball it answers the stored label.
+
+    Writes ``certificates/*.csv``, ``points.csv`` (every row, with ``model``, ``sigma_mode`` and ``set``
+    columns), ``summary.json`` (``"certified"`` rows) and ``plots/certified_accuracy.png``.
     """
     from .smoothing import RandomizedSmoothing
 
@@ -225,66 +249,136 @@ def certify_run(run: RunDirectory, cfg: CertifyConfig, *, device: str = "auto", 
         keep_trig = np.flatnonzero(np.isin(np.asarray(trig.indices), keep))
     else:
         keep, keep_trig = np.arange(len(test)), np.arange(len(trig.x))
+    # position in `keep` of each kept triggered input's clean counterpart (its sample-specific sigma)
+    clean_pos = np.searchsorted(keep, np.asarray(trig.indices)[keep_trig])
     rows: list[dict[str, Any]] = []
     frames: list[pd.DataFrame] = []
     clean_results: list[CertificationResult] = []
     for model_name, sigma in cfg.pairs:
         model = run.load_model(model_name, device="cpu")
         _check_compatible(run.model_spec(model_name), exp.splits, model_name)
-        smoother = RandomizedSmoothing(model, exp.splits.num_classes, sigma, batch_size=cfg.batch_size,
-                                       device=device, seed=cfg.seed, progress=progress)
-        settings = {"model": model_name, "model_sha256": run.manifest["models"][model_name]["sha256"],
-                    "sigma": sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "seed": cfg.seed,
-                    "max_points": cfg.max_points, "dataset": train_cfg.dataset,
-                    "test_sha256": test.sha256()}
-        label = f"{model_name}, sigma={sigma:g}"
-        t0 = time.perf_counter()
-        clean = _load_or_certify(
-            run, _cert_file(model_name, sigma, "clean"), {**settings, "set": "clean"},
-            partial(smoother.certify, test.x[keep], test.y[keep], n0=cfg.n0, n=cfg.n, alpha=cfg.alpha,
-                    ids=torch.as_tensor(keep), trigger_norm=exp.test_trigger_norms[keep], name=label))
-        triggered = _load_or_certify(
-            run, _cert_file(model_name, sigma, "triggered"), {**settings, "set": "triggered"},
-            partial(smoother.certify, trig.x[keep_trig], trig.y_true[keep_trig], n0=cfg.n0, n=cfg.n,
-                    alpha=cfg.alpha, ids=torch.as_tensor(np.asarray(trig.indices)[keep_trig]) + len(test),
-                    triggered=True, trigger_norm=trig.trigger_norms[keep_trig], name=label))
-        run.record_timing(f"certify/{model_name}/sigma-{sigma:g}", time.perf_counter() - t0)
-        clean.meta["name"] = label
-        clean_results.append(clean)
-        target = train_cfg.target
-        ctr = certified_trigger_robustness(clean, target=target)
-        smoothed_asr = float(np.mean(triggered.prediction == target)) if len(triggered) else float("nan")
-        row = {
-            "model": model_name, "sigma": sigma, "n_clean": len(clean), "n_triggered": len(triggered),
-            "smoothed_clean_accuracy": clean.accuracy(), "acr": clean.acr(), "abstain_rate": clean.abstain_rate(),
-            "certified_accuracy": {f"{r:g}": float(a) for r, a in
-                                   zip(cfg.radii, np.atleast_1d(clean.certified_accuracy(list(cfg.radii))))},
-            "certified_trigger_robustness": ctr,
-            "certified_asr_upper_bound": (1.0 - ctr) if not math.isnan(ctr) else None,
-            "smoothed_asr": smoothed_asr,
-            "smoothed_robust_accuracy": triggered.accuracy(),
-            "triggered_abstain_rate": triggered.abstain_rate(),
-            "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
-        }
-        rows.append(row)
-        log(f"[certify] {label}: certified acc@0 {clean.accuracy():.3f}  ACR {clean.acr():.3f}  "
-            f"CTR {ctr:.3f}  smoothed ASR {smoothed_asr:.3f}")
-        for res, which in ((clean, "clean"), (triggered, "triggered")):
-            f = res.to_frame()
-            f.insert(0, "set", which)
-            f.insert(0, "model", model_name)
-            frames.append(f)
+        base = {"model": model_name, "model_sha256": run.manifest["models"][model_name]["sha256"],
+                "sigma": sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "seed": cfg.seed,
+                "max_points": cfg.max_points, "dataset": train_cfg.dataset, "test_sha256": test.sha256()}
+        for mode in cfg.sigma_modes:
+            t0 = time.perf_counter()
+            tag = "" if mode == "fixed" else "__ssb"
+            label = f"{model_name}, sigma={sigma:g}" + ("" if mode == "fixed" else " (sample-specific)")
+            settings = dict(base, sigma_mode=mode)
+            storage_counts: dict[str, int] | None = None
+            if mode == "fixed":
+                clean_sigma: Any = sigma
+                trig_sigma: Any = sigma
+            else:
+                settings.update(sigma_steps=cfg.sigma_steps, sigma_lr=cfg.sigma_lr)
+                sig = _sample_specific_sigmas(run, model, model_name, sigma, test.x[keep], settings, cfg, device,
+                                              progress)
+                clean_sigma, trig_sigma = torch.as_tensor(sig), torch.as_tensor(sig[clean_pos])
+            clean = _load_or_certify(
+                run, _cert_file(model_name + tag, sigma, "clean"), {**settings, "set": "clean"},
+                partial(RandomizedSmoothing(model, exp.splits.num_classes, clean_sigma, batch_size=cfg.batch_size,
+                                            device=device, seed=cfg.seed, progress=progress).certify,
+                        test.x[keep], test.y[keep], n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, ids=torch.as_tensor(keep),
+                        trigger_norm=exp.test_trigger_norms[keep], name=label))
+            triggered = _load_or_certify(
+                run, _cert_file(model_name + tag, sigma, "triggered"), {**settings, "set": "triggered"},
+                partial(RandomizedSmoothing(model, exp.splits.num_classes, trig_sigma, batch_size=cfg.batch_size,
+                                            device=device, seed=cfg.seed, progress=progress).certify,
+                        trig.x[keep_trig], trig.y_true[keep_trig], n0=cfg.n0, n=cfg.n, alpha=cfg.alpha,
+                        ids=torch.as_tensor(np.asarray(trig.indices)[keep_trig]) + len(test), triggered=True,
+                        trigger_norm=trig.trigger_norms[keep_trig], name=label))
+            deployed_trig = triggered.prediction
+            if mode == "sample-specific":
+                clean, storage_counts, deployed_trig = _storage_update(run, model_name, sigma, test.x[keep], clean,
+                                                                       trig.x[keep_trig], triggered)
+            run.record_timing(f"certify/{model_name}/sigma-{sigma:g}/{mode}", time.perf_counter() - t0)
+            clean.meta["name"] = label
+            clean_results.append(clean)
+            rows.append(_summary_row(model_name, sigma, mode, clean, triggered, deployed_trig, train_cfg.target,
+                                     cfg, storage_counts))
+            r = rows[-1]
+            log(f"[certify] {label}: certified acc@0 {r['smoothed_clean_accuracy']:.3f}  ACR {r['acr']:.3f}  "
+                f"CTR {r['certified_trigger_robustness']:.3f}  smoothed ASR {r['smoothed_asr']:.3f}"
+                + (f"  store: {storage_counts}" if storage_counts else ""))
+            for res, which in ((clean, "clean"), (triggered, "triggered")):
+                f = res.to_frame()
+                f.insert(0, "set", which)
+                f.insert(0, "base_sigma", sigma)
+                f.insert(0, "sigma_mode", mode)
+                f.insert(0, "model", model_name)
+                frames.append(f)
     if frames:
         run.write_frame("points.csv", pd.concat(frames, ignore_index=True))
     summary = _read_summary(run)
     summary["certified"] = rows
     summary["certify_settings"] = {"n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "seed": cfg.seed,
-                                   "max_points": cfg.max_points, "radii": list(cfg.radii)}
+                                   "max_points": cfg.max_points, "radii": list(cfg.radii),
+                                   "sigma_modes": list(cfg.sigma_modes)}
     run.write_json("summary.json", summary)
     if clean_results:
         norms = trig.trigger_norms.double()
         write_plots(run, clean_results, float(norms.median()) if len(norms) else None)
     return rows
+
+
+def _summary_row(model_name: str, sigma: float, mode: str, clean: CertificationResult,
+                 triggered: CertificationResult, deployed_trig: np.ndarray, target: int, cfg: CertifyConfig,
+                 storage_counts: dict[str, int] | None) -> dict[str, Any]:
+    ctr = certified_trigger_robustness(clean, target=target)
+    return {
+        "model": model_name, "sigma": sigma, "sigma_mode": mode, "n_clean": len(clean),
+        "n_triggered": len(triggered), "smoothed_clean_accuracy": clean.accuracy(), "acr": clean.acr(),
+        "abstain_rate": clean.abstain_rate(),
+        "certified_accuracy": {f"{r:g}": float(a) for r, a in
+                               zip(cfg.radii, np.atleast_1d(clean.certified_accuracy(list(cfg.radii))))},
+        "certified_trigger_robustness": ctr,
+        "certified_asr_upper_bound": (1.0 - ctr) if not math.isnan(ctr) else None,
+        "smoothed_asr": float(np.mean(deployed_trig == target)) if len(triggered) else float("nan"),
+        "smoothed_robust_accuracy": float(np.mean(deployed_trig == triggered.label)) if len(triggered) else float("nan"),
+        "triggered_abstain_rate": float(np.mean(deployed_trig < 0)) if len(triggered) else float("nan"),
+        "sigma_mean": float(np.mean(clean.sigma)) if len(clean) else float("nan"),
+        "storage": storage_counts,
+        "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
+    }
+
+
+def _sample_specific_sigmas(run: RunDirectory, model: Any, model_name: str, sigma: float, x: torch.Tensor,
+                            settings: dict[str, Any], cfg: CertifyConfig, device: str, progress: bool) -> np.ndarray:
+    """Per-point sigmas by SGA (cached in ``sigmas/`` while the settings match)."""
+    from .sigma import SigmaResult, optimize_sigma
+
+    rel = f"sigmas/{model_name}__sigma-{sigma:g}.npz"
+    meta_rel = rel.replace(".npz", ".json")
+    want = json.loads(json.dumps({k: settings[k] for k in ("model_sha256", "sigma", "seed", "max_points",
+                                                            "test_sha256", "sigma_steps", "sigma_lr")}))
+    try:
+        if run.read_json(meta_rel) == want:
+            run.read_bytes(rel)  # hash check
+            return SigmaResult.load(run.file(rel)).sigma
+    except (RecordError, FileNotFoundError, OSError, ValueError):
+        pass
+    res = optimize_sigma(model, x, base_sigma=sigma, steps=cfg.sigma_steps, lr=cfg.sigma_lr, seed=cfg.seed,
+                         device=device, progress=progress)
+    res.save(run.file(rel))
+    run.record_file(rel)
+    run.write_json(meta_rel, want)
+    return np.asarray(res.sigma, dtype=np.float64)
+
+
+def _storage_update(run: RunDirectory, model_name: str, sigma: float, x_clean: torch.Tensor,
+                    clean: CertificationResult, x_trig: torch.Tensor, triggered: CertificationResult
+                    ) -> tuple[CertificationResult, dict[str, int], np.ndarray]:
+    """Storage-update the clean certificates (test-set order), save the store, and answer the triggered
+    inputs as the deployed memory classifier does (stored label inside a stored ball, else smoothed)."""
+    from .storage import StorageCertifier
+
+    out = StorageCertifier(order="given").certify(x_clean, clean)
+    rel = f"stores/{model_name}__sigma-{sigma:g}.npz"
+    out.store.save(run.file(rel))
+    run.record_file(rel)
+    labels, covered = out.store.predict(x_trig)
+    deployed = np.where(covered, labels, triggered.prediction)
+    return out.result, out.counts(), deployed
 
 
 def write_plots(run: RunDirectory, clean_results: Sequence[CertificationResult],
@@ -324,7 +418,8 @@ def report_table(summary: dict[str, Any]) -> str:
         head += f"{'ACR':>8}{'abstain':>9}{'CTR':>7}{'ASR<=':>7}{'sm.ASR':>8}"
         lines.append(head)
         for row in cert:
-            line = f"{row['model']:<16}{row['sigma']:>7g}"
+            name = row["model"] + ("*" if row.get("sigma_mode", "fixed") != "fixed" else "")
+            line = f"{name:<16}{row['sigma']:>7g}"
             line += "".join(f"{row['certified_accuracy'][r]:>9.3f}" for r in radii)
             bound = row.get("certified_asr_upper_bound")
             line += (f"{row['acr']:>8.3f}{row['abstain_rate']:>9.3f}{row['certified_trigger_robustness']:>7.3f}"
@@ -333,6 +428,12 @@ def report_table(summary: dict[str, Any]) -> str:
         lines.append("CA@r: certified accuracy at radius r (clean test set); CTR: certified trigger robustness "
                      "(non-target points certified beyond the trigger's norm); ASR<=: 1 - CTR, a certified bound "
                      "on the smoothed ASR; sm.ASR: measured ASR of the smoothed classifier.")
+        ssb = [r for r in cert if r.get("sigma_mode", "fixed") != "fixed"]
+        if ssb:
+            lines.append("*: sample-specific sigma (Cert-SSB SGA from the base sigma) + storage-update "
+                         "certification; store counts: " + "; ".join(
+                             f"{r['model']}@{r['sigma']:g}: mean sigma {r['sigma_mean']:.3f}, "
+                             + ", ".join(f"{k[2:]} {v}" for k, v in (r.get("storage") or {}).items()) for r in ssb))
     return "\n".join(lines)
 
 
@@ -357,8 +458,12 @@ def report(run_dir: str | Path, *, replot: bool = True) -> str:
         trig_rows = frame[frame["set"] == "triggered"]
         norm = float(trig_rows["trigger_norm"].median()) if len(trig_rows) else None
         for row in summary["certified"]:
-            sel = frame[(frame["model"] == row["model"]) & (frame["set"] == "clean") & np.isclose(frame["sigma"], row["sigma"])]
-            results.append(CertificationResult.from_frame(sel, meta={"name": f"{row['model']}, sigma={row['sigma']:g}"}))
+            mode = row.get("sigma_mode", "fixed")
+            sel = frame[(frame["model"] == row["model"]) & (frame["set"] == "clean")
+                        & np.isclose(frame["base_sigma"] if "base_sigma" in frame else frame["sigma"], row["sigma"])
+                        & ((frame["sigma_mode"] == mode) if "sigma_mode" in frame else True)]
+            suffix = "" if mode == "fixed" else " (sample-specific)"
+            results.append(CertificationResult.from_frame(sel, meta={"name": f"{row['model']}, sigma={row['sigma']:g}{suffix}"}))
         write_plots(run, results, norm)
     return report_table(summary)
 
