@@ -25,6 +25,31 @@ With ``pA_low`` and ``pB_up = min(upper bound of the runner-up, 1 - pA_low)`` th
 Votes are collected model-major (load a member once, run the whole test set) and can be saved
 (``votes.npz``) so certificates are recomputed offline for another alpha or bound without the models
 (the DPA habit of "evaluate once, certify offline").
+
+Per-point test sigmas (Cert-SSB's sample-specific noise; DESIGN.md sections 2 and 3)
+------------------------------------------------------------------------------------
+
+``SmoothedEnsemble.votes(x, sigma=s)`` takes one test sigma ``s_i`` per point: member ``m`` classifies
+``x_i + s_i * z_m`` with ``z_m = test_noise(m) / sigma`` its fixed standard-normal test draw, so over the
+members point ``i`` sees noise ``N(0, s_i^2 I)``. The votes keep ``s`` (:attr:`EnsembleVotes.sigma`, saved in
+``votes.npz``) and :func:`certify_votes` scales the radius of point ``i`` by that same ``s_i`` (sigma
+soundness: the released Cert-SSB evaluator samples at the base sigma and scales radii by the optimised
+sigma; certkit refuses a radius sigma that differs from the sampling sigma recorded in the votes).
+
+With training scales ``s_j`` and test scale ``sigma_i`` the Gaussian argument certifies every joint
+perturbation ``(Delta, delta)`` of the training inputs and test input with
+``sum_j ||Delta_j||^2 / s_j^2 + ||delta||^2 / sigma_i^2 < (gap / 2)^2``, ``gap = PhiInv(pA_low) - PhiInv(pB_up)``
+(:func:`vote_gap`). Three readings (DESIGN.md section 3):
+
+(a) ``radius = sigma_i * gap / 2`` (the ``radius`` of :func:`certify_votes`; Cert-SSB's convention): the
+    test-input perturbations covered when the training set is left as it is;
+(b) :func:`joint_l2_radius` ``= min(min_j s_j, sigma_i) * gap / 2``: every joint perturbation of plain
+    l2 norm below it is covered (always ``<= (a)``);
+(c) :func:`attack_covered`: a concrete attack (training deltas ``Delta_j``, test trigger ``t_i``) is covered
+    iff the weighted condition holds; :func:`weighted_joint_norms` expresses the attack in the units of (a).
+With every scale equal to ``sigma`` all three reduce to RAB's joint certificate. Where the scales were chosen
+from the data, every certificate holds conditional on them as fixed
+(:data:`certkit.ensemble_training.SAMPLE_SPECIFIC_ASSUMPTION`).
 """
 
 from __future__ import annotations
@@ -37,6 +62,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.special import ndtri
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -60,12 +86,15 @@ class EnsembleVotes:
         soft_sum: ``[N, C]`` float64, sum over members of the softmax scores.
         num_classes: ``C``.
         meta: provenance (test-set hash, member hashes, sigma, ...).
+        sigma: ``[N]`` float64 per-point test sigma the votes were sampled with (``None``: the ensemble's
+            one sigma, ``meta["sigma"]``). :func:`certify_votes` uses it for the radius.
     """
 
     predictions: np.ndarray
     soft_sum: np.ndarray
     num_classes: int
     meta: dict[str, Any] = field(default_factory=dict)
+    sigma: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.predictions = np.asarray(self.predictions)
@@ -81,6 +110,8 @@ class EnsembleVotes:
             raise InputError(f"predictions must be class indices in [0, {self.num_classes})")
         if not np.isfinite(self.soft_sum).all() or (self.soft_sum < -1e-9).any() or (self.soft_sum > m + 1e-6).any():
             raise InputError("soft_sum must be finite and within [0, members]")
+        if self.sigma is not None:
+            self.sigma = _point_sigma(self.sigma, n, "votes sigma")
 
     @property
     def members(self) -> int:
@@ -109,9 +140,10 @@ class EnsembleVotes:
 
         buf = io.BytesIO()
         dtype = np.int16 if self.num_classes <= np.iinfo(np.int16).max else np.int32
+        extra = {} if self.sigma is None else {"sigma": self.sigma}
         np.savez_compressed(buf, format=np.array(VOTES_FORMAT), predictions=self.predictions.astype(dtype),
                             soft_sum=self.soft_sum, num_classes=np.array(self.num_classes),
-                            meta=np.array(json.dumps(to_jsonable(self.meta))))
+                            meta=np.array(json.dumps(to_jsonable(self.meta))), **extra)
         return atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
@@ -128,9 +160,33 @@ class EnsembleVotes:
                 if int(z["format"]) != VOTES_FORMAT:
                     raise RecordError(f"votes file {path} has format {int(z['format'])}, expected {VOTES_FORMAT}")
                 return cls(predictions=z["predictions"].astype(np.int64), soft_sum=z["soft_sum"],
-                           num_classes=int(z["num_classes"]), meta=json.loads(str(z["meta"])))
+                           num_classes=int(z["num_classes"]), meta=json.loads(str(z["meta"])),
+                           sigma=z["sigma"] if "sigma" in z.files else None)
         except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError, InputError) as exc:
             raise RecordError(f"votes file {path} is corrupt or not a certkit votes file: {exc}") from exc
+
+
+def _point_sigma(sigma: Any, n: int, name: str = "sigma") -> np.ndarray:
+    """Per-point sigma as float64 ``[n]`` (a scalar is repeated): finite, > 0, of length ``n``."""
+    if isinstance(sigma, bool):
+        raise InputError(f"{name} must be a positive number or a per-point array, got {sigma!r}")
+    if isinstance(sigma, torch.Tensor):
+        sigma = sigma.detach().cpu().numpy()
+    try:
+        arr = np.asarray(sigma, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name} must be a positive number or a per-point array, got {sigma!r}") from exc
+    if arr.ndim == 0:
+        arr = np.full(n, float(arr))
+    if arr.ndim != 1:
+        raise InputError(f"{name} must be a scalar or a 1-D array of per-point values, got shape {arr.shape}")
+    if arr.shape[0] != n:
+        raise InputError(f"{name} has {arr.shape[0]} values but there are {n} points")
+    if not np.isfinite(arr).all():
+        raise InputError(f"{name} contains NaN or inf values")
+    if n and (arr <= 0).any():
+        raise InputError(f"{name} must be strictly positive, got min {float(arr.min()):g}")
+    return arr.copy()
 
 
 def _bounds(votes: EnsembleVotes, bound: str, alpha_each: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -151,11 +207,66 @@ def _bounds(votes: EnsembleVotes, bound: str, alpha_each: float) -> tuple[np.nda
     return top, p_a_low, p_b_up
 
 
+def _bounded(votes: EnsembleVotes, alpha: float, bound: str,
+             selection_correction: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(top class, pA_low, effective pB_up, abstain) per point: the bounds every certificate uses."""
+    alpha_each = alpha / votes.num_classes if selection_correction else alpha
+    top, p_a_low, p_b_up = _bounds(votes, bound, alpha_each)
+    p_b_eff = np.minimum(p_b_up, 1.0 - p_a_low)
+    return top, p_a_low, p_b_eff, p_a_low <= p_b_eff
+
+
+def _resolve_sigma(votes: EnsembleVotes, sigma: Any) -> tuple[np.ndarray, bool]:
+    """The per-point radius sigma, checked against the sampling sigma recorded in the votes; and whether
+    the sigma is per point (an array) rather than the ensemble's single sigma."""
+    n = votes.points
+    if votes.sigma is not None:  # sampled per point: the radius must use that very sigma
+        if sigma is None:
+            return votes.sigma.copy(), True
+        sig = _point_sigma(sigma, n)
+        if not np.array_equal(sig, votes.sigma):
+            raise InputError("sigma differs from the per-point sigma these votes were sampled with; the radius "
+                             "must use the sampling sigma (DESIGN.md section 2): omit sigma= to use votes.sigma")
+        return sig, True
+    sampled = votes.meta.get("sigma")
+    if sigma is None:
+        if sampled is None:
+            raise InputError("sigma is required: these votes record no sampling sigma")
+        sigma = sampled
+    if isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise InputError(f"sigma must be a positive finite number, got {sigma!r}")
+        sig, per_point = np.full(n, float(sigma)), False
+    else:
+        sig, per_point = _point_sigma(sigma, n), True
+    if isinstance(sampled, (int, float)) and not isinstance(sampled, bool) and not np.all(sig == float(sampled)):
+        raise InputError(f"these votes were sampled at sigma={sampled:g}; a radius must use the sampling sigma "
+                         "(DESIGN.md section 2). For per-point sigmas collect the votes with "
+                         "SmoothedEnsemble.votes(x, sigma=...)")
+    return sig, per_point
+
+
+def vote_gap(votes: EnsembleVotes, *, alpha: float = 0.001, bound: str = "clopper-pearson",
+             selection_correction: bool = True) -> np.ndarray:
+    """``gap = PhiInv(pA_low) - PhiInv(pB_up)`` per point (float64 ``[N]``; 0 where the ensemble abstains,
+    ``inf`` where ``pA_low == 1``), with the bounds of :func:`certify_votes` for the same arguments. The
+    radius of point ``i`` is ``sigma_i * gap_i / 2``; see :func:`joint_l2_radius` and :func:`attack_covered`
+    for the training-side readings."""
+    alpha = check_alpha(alpha)
+    check_choice(bound, BOUNDS, "bound")
+    _, p_a_low, p_b_eff, abstain = _bounded(votes, alpha, bound, selection_correction)
+    gap = np.zeros(votes.points, dtype=np.float64)
+    ok = ~abstain
+    with np.errstate(over="ignore", invalid="ignore"):
+        gap[ok] = ndtri(p_a_low[ok]) - ndtri(p_b_eff[ok])
+    return gap
+
+
 def certify_votes(
     votes: EnsembleVotes,
     y: Any = None,
     *,
-    sigma: float,
+    sigma: Any = None,
     alpha: float = 0.001,
     bound: str = "clopper-pearson",
     selection_correction: bool = True,
@@ -164,36 +275,41 @@ def certify_votes(
     trigger_norm: Any = None,
     name: str = "",
 ) -> CertificationResult:
-    """Certificates from saved votes (no model needed): prediction, joint l2 radius, ``p_lower`` per point.
+    """Certificates from saved votes (no model needed): prediction, radius, ``p_lower`` per point.
 
     Args:
         votes: the members' votes on the points.
         y: true labels ``[N]`` (optional).
-        sigma: the noise std of training and test noise (pixel units); radii are joint l2 norms.
+        sigma: the test-noise std the votes were sampled with (pixel units): a number (RAB: training and
+            test noise share it and radii are joint l2 norms) or a per-point array ``[N]`` (finite, > 0;
+            radius ``sigma_i * gap / 2`` in the test point's sigma units, reading (a) of the module
+            docstring). ``None`` takes :attr:`EnsembleVotes.sigma`, else ``votes.meta["sigma"]``. A sigma
+            that differs from the one recorded in the votes raises :class:`InputError` (sigma soundness).
         alpha: probability that a certificate is wrong, per point.
         bound: ``"clopper-pearson"`` (hard votes) or ``"hoeffding"`` (mean soft scores).
         selection_correction: Bonferroni over the ``C`` classes (default; see the module docstring).
     """
     alpha = check_alpha(alpha)
     check_choice(bound, BOUNDS, "bound")
-    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-        raise InputError(f"sigma must be a positive finite number, got {sigma!r}")
+    sig, per_point = _resolve_sigma(votes, sigma)
     n = votes.points
     labels = np.full(n, -1, dtype=np.int64) if y is None else check_labels(y, n, votes.num_classes).numpy()
-    alpha_each = alpha / votes.num_classes if selection_correction else alpha
-    top, p_a_low, p_b_up = _bounds(votes, bound, alpha_each)
-    p_b_eff = np.minimum(p_b_up, 1.0 - p_a_low)
-    abstain = p_a_low <= p_b_eff
-    radius = np.asarray(gaussian_radius(p_a_low, sigma, p_b_eff), dtype=np.float64)  # 0 where abstaining
+    top, p_a_low, p_b_eff, abstain = _bounded(votes, alpha, bound, selection_correction)
+    if n:
+        radius = np.asarray(gaussian_radius(p_a_low, sig, p_b_eff), dtype=np.float64)  # 0 where abstaining
+    else:
+        radius = np.zeros(0)
     prediction = np.where(abstain, -1, top).astype(np.int64)
     if trigger_norm is not None:
         trigger_norm = np.asarray(torch.as_tensor(trigger_norm).detach().cpu().numpy(), dtype=np.float64)
+    meta = {"method": f"ensemble-{bound}", "alpha": alpha, "members": votes.members, "bound": bound,
+            "selection_correction": bool(selection_correction), "num_classes": votes.num_classes, "name": name}
+    if per_point:
+        meta["radius_units"] = "per-point test sigma: radius = sigma_i * gap / 2"
     return CertificationResult(
-        label=labels, prediction=prediction, radius=radius, p_lower=p_a_low, sigma=np.full(n, float(sigma)),
+        label=labels, prediction=prediction, radius=radius, p_lower=p_a_low, sigma=sig,
         triggered=np.full(n, bool(triggered)), index=None if ids is None else np.asarray(ids),
-        trigger_norm=trigger_norm,
-        meta={"method": f"ensemble-{bound}", "alpha": alpha, "members": votes.members, "bound": bound,
-              "selection_correction": bool(selection_correction), "num_classes": votes.num_classes, "name": name},
+        trigger_norm=trigger_norm, meta=meta,
     )
 
 
@@ -271,16 +387,30 @@ class SmoothedEnsemble:
         return cls(
             lambda m: run.load_model(names[m], device="cpu"), num_classes, spec.sigma,
             lambda m: member_test_noise(spec, m, input_shape), n_members=spec.members, batch_size=batch_size,
-            device=device, progress=progress, meta={"run": str(run.path), "member_sha256": member_sha},
+            device=device, progress=progress,
+            meta={"run": str(run.path), "member_sha256": member_sha, "noise": spec.noise},
         )
 
     @torch.inference_mode()
-    def votes(self, x: torch.Tensor) -> EnsembleVotes:
-        """Collect every member's vote on ``x`` (``[N, *input_shape]``), member by member."""
+    def votes(self, x: torch.Tensor, sigma: Any = None) -> EnsembleVotes:
+        """Collect every member's vote on ``x`` (``[N, *input_shape]``), member by member.
+
+        ``sigma``: ``None`` (member ``m`` adds its test noise ``test_noise(m)``, std ``self.sigma``) or the
+        per-point test sigma ``[N]`` (finite, > 0; a number is repeated): member ``m`` adds
+        ``sigma_i * z_m`` to point ``i``, ``z_m = test_noise(m) / self.sigma`` its fixed standard-normal
+        draw, so point ``i``'s noise over the members is ``N(0, sigma_i^2 I)``. The votes keep the array
+        (:attr:`EnsembleVotes.sigma`) so that :func:`certify_votes` scales the radius by the same sigma.
+        A point whose sigma equals ``self.sigma`` gets exactly the votes of ``sigma=None``.
+        """
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise InputError(f"x must be a tensor of shape [N, *input_shape], got {getattr(x, 'shape', type(x))}")
         check_finite_tensor(x, "x")
         n, c = x.shape[0], self.num_classes
+        point_sigma = None if sigma is None else _point_sigma(sigma, n)
+        factor = None
+        if point_sigma is not None:  # sigma_i / sigma: exactly 1.0 where sigma_i == sigma
+            factor = torch.as_tensor(point_sigma / self.sigma, dtype=torch.float32, device=self.device)
+            factor = factor.view(n, *([1] * (x.dim() - 1)))
         predictions = np.empty((self.n_members, n), dtype=np.int64)
         soft_sum = torch.zeros((n, c), dtype=torch.float64, device=self.device)
         xd = x.detach().to(self.device, dtype=torch.float32)
@@ -294,7 +424,8 @@ class SmoothedEnsemble:
                 raise InputError(f"member {m}'s test noise has shape {tuple(delta.shape)}, inputs {tuple(x.shape[1:])}")
             preds = torch.empty(n, dtype=torch.int64, device=self.device)
             for start in range(0, n, self.batch_size):
-                logits = model(xd[start:start + self.batch_size] + delta)
+                noise = delta if factor is None else delta * factor[start:start + self.batch_size]
+                logits = model(xd[start:start + self.batch_size] + noise)
                 rows = min(self.batch_size, n - start)
                 if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (rows, c):
                     raise InputError(f"member {m} output must have shape [batch, num_classes={c}], "
@@ -306,7 +437,10 @@ class SmoothedEnsemble:
             predictions[m] = preds.cpu().numpy()
             model.train(was_training)
         meta = {**self.meta, "sigma": self.sigma, "members": self.n_members}
-        return EnsembleVotes(predictions=predictions, soft_sum=soft_sum.cpu().numpy(), num_classes=c, meta=meta)
+        if point_sigma is not None:
+            meta["per_point_sigma"] = True
+        return EnsembleVotes(predictions=predictions, soft_sum=soft_sum.cpu().numpy(), num_classes=c, meta=meta,
+                             sigma=point_sigma)
 
     def certify(
         self,
@@ -317,16 +451,26 @@ class SmoothedEnsemble:
         bound: str = "clopper-pearson",
         selection_correction: bool = True,
         votes: EnsembleVotes | None = None,
+        sigma: Any = None,
         **kwargs: Any,
     ) -> CertificationResult:
-        """Certify ``x`` (votes collected unless given); see :func:`certify_votes` for the arguments."""
+        """Certify ``x`` (votes collected unless given); see :func:`certify_votes` for the arguments.
+
+        ``sigma``: optional per-point test sigma ``[N]``; the votes are then sampled with it
+        (:meth:`votes`) and the radius of point ``i`` is ``sigma_i * gap / 2``. Given votes must have been
+        collected with the same sigma.
+        """
         alpha = check_alpha(alpha)
         check_choice(bound, BOUNDS, "bound")
         if votes is None:
-            votes = self.votes(x)
+            votes = self.votes(x, sigma=sigma)
         elif votes.points != x.shape[0]:
             raise InputError(f"votes cover {votes.points} points but x has {x.shape[0]}")
-        return certify_votes(votes, y, sigma=self.sigma, alpha=alpha, bound=bound,
+        if sigma is None:
+            radius_sigma = votes.sigma if votes.sigma is not None else self.sigma
+        else:
+            radius_sigma = _point_sigma(sigma, votes.points)
+        return certify_votes(votes, y, sigma=radius_sigma, alpha=alpha, bound=bound,
                              selection_correction=selection_correction, **kwargs)
 
 
@@ -341,3 +485,117 @@ def joint_trigger_norms(poison_delta_sq_sum: float, test_trigger_norms: Any) -> 
         raise InputError(f"poison_delta_sq_sum must be finite and >= 0, got {poison_delta_sq_sum}")
     t = np.asarray(torch.as_tensor(test_trigger_norms).detach().cpu().numpy(), dtype=np.float64)
     return np.sqrt(poison_delta_sq_sum + t**2)
+
+
+def _gap_array(gap: Any) -> np.ndarray:
+    try:
+        g = np.asarray(gap.detach().cpu().numpy() if isinstance(gap, torch.Tensor) else gap, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"gap must be numbers, got {type(gap).__name__}") from exc
+    if g.ndim > 1:
+        raise InputError(f"gap must be a scalar or a 1-D array, got shape {g.shape}")
+    if np.isnan(g).any() or (g < 0).any():
+        raise InputError("gap must be >= 0 (0 where abstaining; see vote_gap) and not NaN")
+    return np.atleast_1d(g)
+
+
+def _norms_array(values: Any, name: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    try:
+        v = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name} must be numbers, got {type(values).__name__}") from exc
+    if v.ndim > 1:
+        raise InputError(f"{name} must be a scalar or a 1-D array, got shape {v.shape}")
+    if not np.isfinite(v).all() or (v < 0).any():
+        raise InputError(f"{name} must be finite and >= 0")
+    return np.atleast_1d(v)
+
+
+def _scale_array(values: Any, n: int | None, name: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        raise InputError(f"{name} is empty")
+    if arr.ndim == 0:
+        return _point_sigma(arr, 1 if n is None else n, name)
+    return _point_sigma(arr, arr.shape[0] if n is None else n, name)
+
+
+def joint_l2_radius(gap: Any, sigma_i: Any, train_scales: Any) -> np.ndarray:
+    """Plain joint l2 radius of reading (b): ``min(min_j s_j, sigma_i) * gap / 2`` per point.
+
+    Args:
+        gap: ``PhiInv(pA_low) - PhiInv(pB_up)`` per point (:func:`vote_gap`; 0 where abstaining), ``[N]``.
+        sigma_i: test sigma per point ``[N]`` (or one number).
+        train_scales: the training scales ``s_j`` (``[N_train]`` or one number), finite and > 0.
+
+    Every joint perturbation ``(Delta, delta)`` with ``sqrt(sum_j ||Delta_j||^2 + ||delta||^2)`` below it
+    satisfies the weighted condition, so it is covered; it never exceeds ``sigma_i * gap / 2`` (reading (a)).
+    """
+    g = _gap_array(gap)
+    sig = _scale_array(sigma_i, g.shape[0], "sigma_i")
+    s_min = float(_scale_array(train_scales, None, "train_scales").min())
+    return np.minimum(sig, s_min) * g / 2
+
+
+def poison_weighted_sq_sum(poison_delta_sq: Any, train_scales: Any) -> float:
+    """``sum_j ||Delta_j||^2 / s_j^2`` of an attack on the training set: ``poison_delta_sq`` is the squared l2
+    norm of the feature change of every training input ``[N_train]`` (0 where unchanged), ``train_scales``
+    the scales ``s_j`` (``[N_train]`` or one number)."""
+    d = _norms_array(poison_delta_sq, "poison_delta_sq")
+    s = _scale_array(train_scales, d.shape[0] if np.ndim(train_scales) else None, "train_scales")
+    return float(np.sum(d / s**2))
+
+
+def weighted_joint_norms(delta_sq_over_s_sq_sum: float, sigma_i: Any, test_trigger_norms: Any) -> np.ndarray:
+    """An attack's size in the units of radius (a): ``sigma_i * sqrt(W + ||t_i||^2 / sigma_i^2)`` with
+    ``W = sum_j ||Delta_j||^2 / s_j^2``, i.e. ``sqrt(sigma_i^2 W + ||t_i||^2)``; the attack is covered at point
+    ``i`` iff this is below ``sigma_i * gap / 2`` (:func:`attack_covered`). With every scale equal to ``sigma``
+    it is :func:`joint_trigger_norms`."""
+    w = _weighted_sum(delta_sq_over_s_sq_sum)
+    t = _norms_array(test_trigger_norms, "test_trigger_norms")
+    sig = _scale_array(sigma_i, t.shape[0], "sigma_i")
+    return np.sqrt(sig**2 * w + t**2)
+
+
+def _weighted_sum(value: Any) -> float:
+    if isinstance(value, bool):
+        raise InputError(f"delta_sq_over_s_sq_sum must be a number, got {value!r}")
+    try:
+        w = float(value)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"delta_sq_over_s_sq_sum must be a number, got {value!r}") from exc
+    if not (math.isfinite(w) and w >= 0):
+        raise InputError(f"delta_sq_over_s_sq_sum must be finite and >= 0, got {value!r}")
+    return w
+
+
+def attack_covered(gap: Any, sigma_i: Any, delta_sq_over_s_sq_sum: float, test_trigger_norms: Any) -> np.ndarray:
+    """Reading (c): whether a concrete attack is inside the certificate at each point (bool ``[N]``).
+
+    The attack changes training input ``j`` by ``Delta_j`` and test point ``i`` by a trigger of norm
+    ``||t_i||`` (labels as they are). It is covered iff
+    ``sum_j ||Delta_j||^2 / s_j^2 + ||t_i||^2 / sigma_i^2 < (gap_i / 2)^2`` (strict; never where ``gap_i == 0``,
+    i.e. abstaining).
+
+    Args:
+        gap: per point (:func:`vote_gap`).
+        sigma_i: test sigma per point (or one number).
+        delta_sq_over_s_sq_sum: ``W = sum_j ||Delta_j||^2 / s_j^2`` (:func:`poison_weighted_sq_sum`).
+        test_trigger_norms: ``||t_i||`` per point (or one number).
+
+    With all scales equal to ``sigma`` this is RAB's joint test
+    ``sqrt(sum_j ||Delta_j||^2 + ||t_i||^2) < sigma * gap_i / 2`` (:func:`joint_trigger_norms`).
+    """
+    g = _gap_array(gap)
+    w = _weighted_sum(delta_sq_over_s_sq_sum)
+    t = _norms_array(test_trigger_norms, "test_trigger_norms")
+    if t.shape[0] == 1 and g.shape[0] != 1:
+        t = np.full(g.shape[0], t[0])
+    if t.shape[0] != g.shape[0]:
+        raise InputError(f"test_trigger_norms has {t.shape[0]} values but gap has {g.shape[0]}")
+    sig = _scale_array(sigma_i, g.shape[0], "sigma_i")
+    return (g > 0) & (w + (t / sig) ** 2 < (g / 2) ** 2)

@@ -51,6 +51,49 @@ Decisions (not fixed by DESIGN.md):
 * **Errors.** Bad spec values raise :class:`InputError` (unknown model/attack/noise names:
   :class:`UnknownNameError`, listing the allowed values). ``seed`` must lie in ``[0, 2**32)`` (scikit-learn
   split seeds are 32-bit).
+
+Sample-specific training noise (``noise="sample-specific"``; Cert-SSB, Qiao et al. 2025, DESIGN.md section 3)
+------------------------------------------------------------------------------------------------------------
+
+Member ``m`` trains on ``x_j + s_j * z_{m,j}``: ``z_{m,j}`` is the member's fixed standard-normal draw (the
+same ``STREAM_TRAIN_NOISE`` generator as RAB, so with every ``s_j = sigma`` the members are bit-identical to
+``noise="fixed"`` members) and ``s_j`` is a per-training-sample scale shared by all members. The scales are
+computed ONCE per run, before any member trains (:func:`ensure_training_scales`):
+
+1. a *reference model* (``models/sigma-reference.pt``) is trained on the poisoned training set with fresh
+   Gaussian augmentation at the base ``sigma`` (Cohen-style; weights and batch order seeded
+   ``derive_seed(seed, STREAM_SIGMA_REFERENCE, 0)``, ``spec.epochs``/``lr``/``batch_size``);
+2. :func:`certkit.sigma.optimize_sigma` runs ``sigma_steps`` steps of stochastic gradient ascent on the DDRS
+   proxy radius of every training input under that model (start ``sigma``, step ``sigma_lr``,
+   ``detach_model=sigma_detach_model``, seed ``derive_seed(seed, STREAM_SIGMA_TRAIN, 0)``); the result is
+   clipped to ``sigma_max`` when given;
+3. the scales are written to ``training_sigmas.npz`` (``sigma`` float64 ``[N_train]`` and a JSON ``meta``:
+   poisoned-train hash, reference-model hash, SGA settings) with their sha256 in the manifest, and the step
+   ``training_sigmas`` is marked done. Every later member (this process, a joblib or Dask worker, a resumed
+   run) reads and verifies that file; it is never recomputed once recorded.
+
+Deliberate differences from Cert-SSB (whose training code is unreleased; its pipeline figure and
+``utils.train_model`` update ``sigma_j`` in every batch of every epoch, redraw the noise each pass, and use a
+different scale history per model): here the scales are FIXED before training and identical for all
+members, and each member's draw ``z_{m,j}`` is fixed for all epochs (RAB). Only then is the training noise of
+every member one sample of a single, fixed distribution ``prod_j N(0, s_j^2 I)``, which the Gaussian
+certificate needs. The scales are still chosen from the (possibly poisoned) training data, so the
+certificate holds *conditional on the scales as fixed* (DESIGN.md section 3 caveat;
+:data:`SAMPLE_SPECIFIC_ASSUMPTION`); a reported training-side certificate must state this.
+
+Tamper policy: a recorded ``training_sigmas.npz`` or reference model that is missing, modified or
+inconsistent with the run raises :class:`RecordError` (``train_ensemble`` does not retrain or recompute
+them, even with ``retrain_corrupt=True``): members already trained used those exact scales, and recomputing
+(e.g. on another device, where floating point differs) could silently mix members trained under different
+smoothing distributions. Start a new run directory instead. A file written but not yet recorded (process
+killed in between) is simply recomputed and overwritten. Concurrent callers (several workers calling
+:func:`train_member` directly) serialise on a lock file ``.training_sigmas.lock`` (POSIX ``flock``).
+
+Spec fields of this mode: ``sigma_steps`` (required, >= 1; Cert-SSB's released test sigmas imply 850 to 1100
+steps at ``lr = 1e-4``), ``sigma_lr`` (default ``1e-4``), ``sigma_max`` (optional cap, >= ``sigma``),
+``sigma_detach_model`` (default ``True``: the released Cert-SSB form; ``False``: DDRS, gradient through the
+model). With ``noise="fixed"`` they must keep their defaults and are left out of :meth:`EnsembleSpec.to_dict`,
+so fixed-noise run configs are unchanged.
 """
 
 from __future__ import annotations
@@ -58,6 +101,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import io
 import json
 import math
 import os
@@ -79,12 +123,19 @@ from .seeding import STREAM_MEMBER_INIT, STREAM_TEST_NOISE, STREAM_TRAIN_NOISE, 
 
 __all__ = [
     "NOISE_MODES",
+    "REFERENCE_MODEL",
     "RUN_KIND",
+    "SAMPLE_SPECIFIC_ASSUMPTION",
+    "TRAINING_SIGMAS",
     "EnsembleData",
     "EnsembleSpec",
+    "ensure_training_scales",
+    "load_training_scales",
     "member_name",
     "member_test_noise",
     "member_train_noise",
+    "check_scales",
+    "optimize_sample_sigmas",
     "prepare_ensemble_data",
     "train_ensemble",
     "train_member",
@@ -92,9 +143,32 @@ __all__ = [
 
 #: Run-directory kind of an ensemble run.
 RUN_KIND = "ensemble"
-#: Training-noise modes: ``"fixed"`` = RAB (one fixed N(0, sigma^2 I) draw per training input and member).
-NOISE_MODES: tuple[str, ...] = ("fixed",)
+#: Training-noise modes: ``"fixed"`` = RAB (one fixed N(0, sigma^2 I) draw per training input and member);
+#: ``"sample-specific"`` = Cert-SSB-style per-training-sample scales ``s_j``, fixed per run (module docstring).
+NOISE_MODES: tuple[str, ...] = ("fixed", "sample-specific")
+#: Model name of the reference model the sample-specific scales are optimised with.
+REFERENCE_MODEL = "sigma-reference"
+#: Run-directory file holding the training scales ``s_j`` of a sample-specific run.
+TRAINING_SIGMAS = "training_sigmas.npz"
+#: The caveat that goes with every training-side certificate of a sample-specific run (DESIGN.md section 3).
+SAMPLE_SPECIFIC_ASSUMPTION = (
+    "sample-specific noise: member m trains on x_j + s_j * z_mj (z_mj a fixed N(0, I) draw per member) and "
+    "evaluates test point i at x_i + sigma_i * z_m; the training scales s_j and the test scales sigma_i were "
+    "chosen by gradient ascent on the (possibly poisoned) training data and on the clean test input, so the "
+    "smoothing distribution depends on the data and every certificate holds conditional on these scales as "
+    "fixed; certificates cover feature perturbations with labels as they are. radius = sigma_i * gap / 2 "
+    "(test-sigma units, Cert-SSB convention: a test-input perturbation with clean training data); joint l2 "
+    "radius = min(min_j s_j, sigma_i) * gap / 2; a concrete attack is covered when "
+    "sum_j ||Delta_j||^2 / s_j^2 + ||t_i||^2 / sigma_i^2 < (gap / 2)^2"
+)
 _SEED_LIMIT = 2**32
+_SCALES_FORMAT = 1
+#: Stream tags of the sample-specific scales (apart from certkit.seeding's tags; the seeds derived with them
+#: are the ``seed`` handed to :func:`certkit.sigma.optimize_sigma`, which derives its own per-input streams).
+STREAM_SIGMA_REFERENCE = 30  # reference model: weight initialisation, batch order, augmentation noise
+STREAM_SIGMA_TRAIN = 31  # seed of the SGA of the training scales
+STREAM_SIGMA_TEST = 32  # seed of the SGA of the test scales (certkit.ensemble_runs)
+_SIGMA_DEFAULTS = {"sigma_steps": None, "sigma_lr": 1e-4, "sigma_max": None, "sigma_detach_model": True}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,13 +206,20 @@ class EnsembleSpec:
         attack, attack_params: backdoor attack (:func:`certkit.attacks.make_attack`) poisoning the
             training set; ``poison_rate`` in ``[0, 1)`` of the whole training set, relabelled to ``target``.
         members: number of members ``M`` (>= 1).
-        sigma: std of the training and test noise, pixel units (> 0, finite).
-        noise: training-noise mode, one of :data:`NOISE_MODES` (``"fixed"``: RAB).
+        sigma: std of the training and test noise, pixel units (> 0, finite). With
+            ``noise="sample-specific"`` the base sigma: the SGA of the scales starts there and
+            :func:`member_test_noise` stays ``sigma * z_m`` (rescaled per test point at certification).
+        noise: training-noise mode, one of :data:`NOISE_MODES` (``"fixed"``: RAB; ``"sample-specific"``:
+            per-sample training scales fixed per run, see the module docstring).
         epochs, lr, batch_size: Adam training of each member.
         seed: run seed in ``[0, 2**32)``: data split, poisoned samples, and (via ``derive_seed``) every
             member's noise, initialisation and batch order.
         threads_per_member: torch intra-op threads while a member trains (numerics do not depend on
             ``n_jobs``, only on this).
+        sigma_steps, sigma_lr, sigma_max, sigma_detach_model: ``noise="sample-specific"`` only: SGA steps
+            (required, >= 1), step size (> 0, default ``1e-4``), optional cap on the optimised scales
+            (>= ``sigma``) and whether the model output is detached in the ascent (default ``True``,
+            Cert-SSB's released form). See the module docstring.
     """
 
     dataset: str = "digits"
@@ -156,6 +237,10 @@ class EnsembleSpec:
     batch_size: int = 64
     seed: int = 0
     threads_per_member: int = 1
+    sigma_steps: int | None = None
+    sigma_lr: float = 1e-4
+    sigma_max: float | None = None
+    sigma_detach_model: bool = True
 
     def __post_init__(self) -> None:
         from .attacks import make_attack
@@ -207,11 +292,49 @@ class EnsembleSpec:
             raise InputError(f"seed must lie in [0, 2**32), got {self.seed}")
         self.seed = int(self.seed)
         self.threads_per_member = check_positive_int(self.threads_per_member, "threads_per_member")
+        self._check_sigma_fields()
+
+    def _check_sigma_fields(self) -> None:
+        self.sigma_lr = _number(self.sigma_lr, "sigma_lr")
+        if not math.isfinite(self.sigma_lr) or self.sigma_lr <= 0:
+            raise InputError(f"sigma_lr must be a finite number > 0, got {self.sigma_lr!r}")
+        if self.sigma_max is not None:
+            self.sigma_max = _number(self.sigma_max, "sigma_max")
+            if not math.isfinite(self.sigma_max) or self.sigma_max < self.sigma:
+                raise InputError(
+                    f"sigma_max must be a finite number >= sigma ({self.sigma:g}) or None, got {self.sigma_max!r}"
+                )
+        if not isinstance(self.sigma_detach_model, (bool, np.bool_)):
+            raise InputError(f"sigma_detach_model must be True or False, got {self.sigma_detach_model!r}")
+        self.sigma_detach_model = bool(self.sigma_detach_model)
+        if self.noise == "fixed":
+            changed = [k for k, v in _SIGMA_DEFAULTS.items() if getattr(self, k) != v]
+            if changed:
+                raise InputError(
+                    f"{', '.join(changed)} only apply to noise='sample-specific' (this spec has noise='fixed')"
+                )
+            return
+        if self.sigma_steps is None:
+            raise InputError(
+                "noise='sample-specific' needs sigma_steps, the number of SGA steps per sample (>= 1; Cert-SSB's "
+                "released sigmas imply 850 to 1100 at sigma_lr=1e-4); noise='fixed' (RAB) needs none"
+            )
+        self.sigma_steps = check_positive_int(self.sigma_steps, "sigma_steps")
+
+    @property
+    def sample_specific(self) -> bool:
+        """Whether the members train with per-sample scales (``noise == "sample-specific"``)."""
+        return self.noise == "sample-specific"
 
     def to_dict(self) -> dict[str, Any]:
-        """The spec as a JSON-serialisable dict (the run's ``config["ensemble"]``)."""
+        """The spec as a JSON-serialisable dict (the run's ``config["ensemble"]``). With ``noise="fixed"`` the
+        ``sigma_*`` fields (all at their defaults) are left out, so such configs are those of earlier certkit
+        versions."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["attack_params"] = copy.deepcopy(self.attack_params)
+        if not self.sample_specific:
+            for k in _SIGMA_DEFAULTS:
+                del d[k]
         return d
 
     @classmethod
@@ -325,18 +448,52 @@ def _shape(shape: Any, name: str) -> tuple[int, ...]:
     return out
 
 
-def _gaussian(spec: EnsembleSpec, stream: int, m: int, shape: tuple[int, ...]) -> torch.Tensor:
+def _unit_gaussian(spec: EnsembleSpec, stream: int, m: int, shape: tuple[int, ...]) -> torch.Tensor:
     gen = torch.Generator(device="cpu").manual_seed(derive_seed(spec.seed, stream, m))
-    return torch.randn(shape, generator=gen, dtype=torch.float32).mul_(spec.sigma)
+    return torch.randn(shape, generator=gen, dtype=torch.float32)
 
 
-def member_train_noise(spec: EnsembleSpec | Mapping[str, Any], m: int, shape: Sequence[int]) -> torch.Tensor:
-    """Member ``m``'s fixed training noise: ``spec.sigma * N(0, I)`` of ``shape`` (the whole training set,
-    ``[N, C, H, W]``), float32 on the CPU, from a generator seeded
-    ``derive_seed(spec.seed, STREAM_TRAIN_NOISE, m)``. Row ``i`` is added to training input ``i`` in every
-    epoch (RAB)."""
+def _gaussian(spec: EnsembleSpec, stream: int, m: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return _unit_gaussian(spec, stream, m, shape).mul_(spec.sigma)
+
+
+def check_scales(scales: Any, n: int | None = None, name: str = "scales") -> np.ndarray:
+    """Per-sample noise scales as a float64 array ``[n]``: 1-D, finite and > 0 (InputError otherwise)."""
+    if isinstance(scales, torch.Tensor):
+        scales = scales.detach().cpu().numpy()
+    try:
+        arr = np.asarray(scales, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name} must be a 1-D array of numbers, got {type(scales).__name__}") from exc
+    if arr.ndim != 1:
+        raise InputError(f"{name} must be a 1-D array of per-sample values, got shape {arr.shape}")
+    if n is not None and arr.shape[0] != n:
+        raise InputError(f"{name} has {arr.shape[0]} values but there are {n} samples")
+    if not np.isfinite(arr).all():
+        raise InputError(f"{name} contains NaN or inf values")
+    if arr.size and (arr <= 0).any():
+        raise InputError(f"{name} must be strictly positive, got min {float(arr.min()):g}")
+    return arr
+
+
+def member_train_noise(
+    spec: EnsembleSpec | Mapping[str, Any], m: int, shape: Sequence[int], *, scales: Any = None
+) -> torch.Tensor:
+    """Member ``m``'s fixed training noise of ``shape`` (the whole training set, ``[N, C, H, W]``), float32 on
+    the CPU: ``z * spec.sigma`` (RAB), or ``z * scales[j]`` on row ``j`` when the per-sample ``scales``
+    (``[N]``, finite, > 0; sample-specific noise) are given, where ``z ~ N(0, I)`` comes from a generator
+    seeded ``derive_seed(spec.seed, STREAM_TRAIN_NOISE, m)``: the same draw in both modes, so scales all
+    equal to ``spec.sigma`` give exactly the RAB noise. Row ``j`` is added to training input ``j`` in every
+    epoch."""
     spec = _as_spec(spec)
-    return _gaussian(spec, STREAM_TRAIN_NOISE, _member_index(m), _shape(shape, "shape"))
+    shape = _shape(shape, "shape")
+    if scales is None:
+        return _gaussian(spec, STREAM_TRAIN_NOISE, _member_index(m), shape)
+    if not shape:
+        raise InputError("shape must start with the number of training inputs when scales are given")
+    s = check_scales(scales, shape[0], "scales")
+    z = _unit_gaussian(spec, STREAM_TRAIN_NOISE, _member_index(m), shape)
+    return z.mul_(torch.from_numpy(s).to(torch.float32).view(-1, *([1] * (len(shape) - 1))))
 
 
 def member_test_noise(
@@ -462,6 +619,273 @@ def _record_of(run: RunDirectory, spec: EnsembleSpec, m: int, trained: bool) -> 
     }
 
 
+# ----------------------------------------------------------------------------------------------------------
+# sample-specific scales (noise="sample-specific")
+
+
+def _sigma_optimizer() -> Any:
+    try:
+        from .sigma import optimize_sigma
+    except ImportError as exc:
+        raise CertkitError(
+            f"noise='sample-specific' needs certkit.sigma.optimize_sigma, which cannot be imported: {exc}"
+        ) from exc
+    return optimize_sigma
+
+
+def optimize_sample_sigmas(
+    spec: EnsembleSpec | Mapping[str, Any],
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    *,
+    seed: int,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Per-sample sigmas of the inputs ``x`` (``[N, C, H, W]``) under ``model``: ``spec.sigma_steps`` steps of
+    :func:`certkit.sigma.optimize_sigma` (start ``spec.sigma``, step ``spec.sigma_lr``,
+    ``detach_model=spec.sigma_detach_model``, the given ``seed``; ``sigma_max=spec.sigma_max``, ``device``
+    and ``progress=False`` where the optimiser accepts them), clipped to ``spec.sigma_max`` when set. Input
+    ``i`` is optimised as id ``i`` (its position), so its sigma depends on neither the batch nor the other
+    inputs (with :mod:`certkit.sigma`'s per-id noise streams).
+
+    Returns float64 ``[N]``, finite and > 0 (a :class:`CertkitError` if the optimiser returns anything else).
+    Used for the training scales (:func:`ensure_training_scales`) and the test scales
+    (:func:`certkit.ensemble_runs.certify_ensemble_run`) of a sample-specific run.
+    """
+    import inspect
+
+    spec = _as_spec(spec)
+    if not spec.sample_specific:
+        raise InputError("per-sample sigmas need a spec with noise='sample-specific'")
+    optimize_sigma = _sigma_optimizer()
+    kwargs: dict[str, Any] = dict(
+        base_sigma=spec.sigma,
+        steps=spec.sigma_steps,
+        lr=spec.sigma_lr,
+        detach_model=spec.sigma_detach_model,
+        seed=int(seed),
+    )
+    try:
+        params = inspect.signature(optimize_sigma).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        params = {}
+    if "device" in params:
+        kwargs["device"] = device
+    if "progress" in params:
+        kwargs["progress"] = False
+    if "sigma_max" in params and spec.sigma_max is not None:  # projected ascent; clipped below as well
+        kwargs["sigma_max"] = spec.sigma_max
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed) & ((1 << 63) - 1))
+            out = optimize_sigma(model, x, **kwargs)
+    finally:
+        model.train(was_training)
+    sig = getattr(out, "sigma", out)
+    try:
+        sig = check_scales(sig, int(x.shape[0]), "optimize_sigma(...).sigma")
+    except InputError as exc:
+        raise CertkitError(f"the sigma optimiser returned unusable sigmas: {exc}") from exc
+    if spec.sigma_max is not None:
+        sig = np.minimum(sig, spec.sigma_max)
+    return sig.astype(np.float64, copy=True)
+
+
+def _scales_meta(spec: EnsembleSpec, poisoned_sha: str, reference_sha: str) -> dict[str, Any]:
+    return {
+        "format": _SCALES_FORMAT,
+        "poisoned_train_sha256": poisoned_sha,
+        "reference_sha256": reference_sha,
+        "base_sigma": spec.sigma,
+        "steps": spec.sigma_steps,
+        "lr": spec.sigma_lr,
+        "sigma_max": spec.sigma_max,
+        "detach_model": spec.sigma_detach_model,
+        "seed": derive_seed(spec.seed, STREAM_SIGMA_TRAIN, 0),
+    }
+
+
+def _read_scales(run: RunDirectory, n: int | None, expect: Mapping[str, Any] | None) -> np.ndarray:
+    """The recorded training scales, verified (RecordError if missing, modified or inconsistent)."""
+    import io
+    import zipfile
+
+    data = run.read_bytes(TRAINING_SIGMAS)  # RecordError on a missing or modified file
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            sig = np.array(z["sigma"], dtype=np.float64)
+            meta = json.loads(str(z["meta"]))
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise RecordError(f"{TRAINING_SIGMAS} in {run.path} is corrupt: {exc}") from exc
+    try:
+        sig = check_scales(sig, n, "training scales")
+    except InputError as exc:
+        raise RecordError(f"{TRAINING_SIGMAS} in {run.path} is inconsistent with the run: {exc}") from exc
+    if expect is not None:
+        differ = sorted(k for k, v in expect.items() if meta.get(k) != v)
+        if differ:
+            raise RecordError(
+                f"{TRAINING_SIGMAS} in {run.path} was not computed for this run ({', '.join(differ)} differ); "
+                "the members were trained with other scales: use a new run directory"
+            )
+    return sig
+
+
+def load_training_scales(run_dir: RunDirectory | str | os.PathLike) -> np.ndarray:
+    """The training scales ``s_j`` (float64 ``[N_train]``) of a sample-specific run, verified against the
+    manifest hash, the run's poisoned training set hash and the reference model (:class:`RecordError` if
+    they are missing, modified or inconsistent)."""
+    run = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory.open(run_dir)
+    spec = EnsembleSpec.from_run(run)
+    if not spec.sample_specific:
+        raise InputError(f"run {run.path} uses noise={spec.noise!r}: it has no per-sample training scales")
+    if TRAINING_SIGMAS not in run.manifest["files"]:
+        raise RecordError(
+            f"run {run.path} has no training scales yet; train the ensemble (`certkit.train_ensemble`) first"
+        )
+    return _read_scales(run, None, _expected_scales_meta(run, spec))
+
+
+def _expected_scales_meta(run: RunDirectory, spec: EnsembleSpec) -> dict[str, Any]:
+    ref = run.manifest["models"].get(REFERENCE_MODEL, {}).get("sha256")
+    poisoned = run.manifest["data_hashes"].get("poisoned_train")
+    expect = _scales_meta(spec, poisoned or "", ref or "")
+    if poisoned is None:
+        del expect["poisoned_train_sha256"]
+    if ref is None:
+        del expect["reference_sha256"]
+    return expect
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``path`` (POSIX ``flock``; a no-op where unavailable)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _reference_model(
+    run: RunDirectory, spec: EnsembleSpec, data: EnsembleData, device: str | torch.device, progress: bool
+) -> torch.nn.Module:
+    """Load (verified) or train the run's reference model (Gaussian augmentation at the base sigma)."""
+    from .models import build_model
+    from .training import train_model
+
+    if REFERENCE_MODEL in run.models():
+        try:
+            return run.load_model(REFERENCE_MODEL, device="cpu")
+        except CertkitError as exc:
+            raise RecordError(
+                f"the reference model of run {run.path} (used to choose the sample-specific sigmas) failed "
+                f"verification: {exc}. Its scales may already have been used: use a new run directory"
+            ) from exc
+    seed = derive_seed(spec.seed, STREAM_SIGMA_REFERENCE, 0)
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(
+            spec.model,
+            num_classes=data.splits.num_classes,
+            input_shape=data.splits.input_shape,
+            mean=data.splits.mean,
+            std=data.splits.std,
+        )
+    history = train_model(
+        model,
+        data.poisoned.dataset,
+        epochs=spec.epochs,
+        lr=spec.lr,
+        batch_size=spec.batch_size,
+        noise_sigma=spec.sigma,
+        seed=seed,
+        device=device,
+        progress=progress,
+        desc=REFERENCE_MODEL,
+    )
+    seconds = time.perf_counter() - t0
+    run.save_model(REFERENCE_MODEL, model, model.certkit_spec)
+    run.record_timing(f"train/{REFERENCE_MODEL}", seconds)
+    run.mark_done(
+        f"train/{REFERENCE_MODEL}",
+        seed=seed,
+        seconds=seconds,
+        noise_sigma=spec.sigma,
+        final_loss=history.loss[-1] if history.loss else None,
+        sha256=run.manifest["models"][REFERENCE_MODEL]["sha256"],
+    )
+    return model
+
+
+def ensure_training_scales(
+    spec: EnsembleSpec | Mapping[str, Any],
+    run_dir: RunDirectory | str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    download: bool = False,
+) -> np.ndarray:
+    """The training scales ``s_j`` (float64 ``[N_train]``) of a sample-specific run: read and verified from
+    ``training_sigmas.npz`` when recorded, otherwise computed once (reference model, then SGA; see the module
+    docstring) and recorded. Called by :func:`train_ensemble` before any member trains and by
+    :func:`train_member`. Raises :class:`RecordError` if recorded scales or the reference model fail
+    verification (never recomputed), :class:`InputError` for a fixed-noise spec."""
+    from .devices import resolve_device
+
+    spec = _as_spec(spec)
+    if not spec.sample_specific:
+        raise InputError("training scales exist only for noise='sample-specific' runs")
+    run = _open_run(run_dir, spec)
+    data, hashes = _cached_data(spec, download=download)
+    _check_data_hashes(run, hashes)
+    n = len(data.poisoned.dataset)
+    with _file_lock(run.path / ".training_sigmas.lock"):
+        run.reload()
+        if TRAINING_SIGMAS in run.manifest["files"]:
+            expect = _expected_scales_meta(run, spec)
+            expect["poisoned_train_sha256"] = hashes["poisoned_train"]
+            return _read_scales(run, n, expect)
+        dev = resolve_device(device)
+        t0 = time.perf_counter()
+        with _exclusive_training(spec.threads_per_member):
+            model = _reference_model(run, spec, data, dev, progress)
+            sig = optimize_sample_sigmas(
+                spec,
+                model,
+                data.poisoned.dataset.x,
+                seed=derive_seed(spec.seed, STREAM_SIGMA_TRAIN, 0),
+                device=dev,
+            )
+        ref_sha = run.manifest["models"][REFERENCE_MODEL]["sha256"]
+        meta = _scales_meta(spec, hashes["poisoned_train"], ref_sha)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, format=np.array(_SCALES_FORMAT), sigma=sig, meta=np.array(json.dumps(meta)))
+        run.write_bytes(TRAINING_SIGMAS, buf.getvalue())
+        seconds = time.perf_counter() - t0
+        run.record_timing("training_sigmas", seconds)
+        run.mark_done(
+            "training_sigmas",
+            sha256=run.manifest["files"][TRAINING_SIGMAS]["sha256"],
+            n=n,
+            min=float(sig.min()),
+            median=float(np.median(sig)),
+            max=float(sig.max()),
+            seconds=seconds,
+        )
+        return sig
+
+
 def train_member(
     spec: EnsembleSpec | Mapping[str, Any],
     m: int,
@@ -477,7 +901,8 @@ def train_member(
     training (``"trained": False``). Otherwise the model is built with weights initialised from
     ``derive_seed(spec.seed, STREAM_MEMBER_INIT, m)``, trained with :func:`certkit.training.train_model` on
     the poisoned training set plus :func:`member_train_noise` (fixed for all epochs; batch order from the
-    same seed) under ``torch.set_num_threads(spec.threads_per_member)``, saved atomically as
+    same seed; with ``noise="sample-specific"`` row ``j`` scaled by the run's training scale ``s_j`` from
+    :func:`ensure_training_scales`, computed first if the run has none yet) under ``torch.set_num_threads(spec.threads_per_member)``, saved atomically as
     :func:`member_name` ``(m)`` and marked done.
 
     ``run_dir`` is created if missing; a run directory made with another config or kind is refused
@@ -497,6 +922,12 @@ def train_member(
         return _record_of(run, spec, m, trained=False)
     data, hashes = _cached_data(spec, download=download)
     _check_data_hashes(run, hashes)
+    # one code path for both modes: RAB scales every row by sigma, sample-specific by the run's s_j
+    scales = (
+        ensure_training_scales(spec, run, device=device, progress=progress, download=download)
+        if spec.sample_specific
+        else None
+    )
     seed = derive_seed(spec.seed, STREAM_MEMBER_INIT, m)
     train = data.poisoned.dataset
     with _exclusive_training(spec.threads_per_member):
@@ -510,7 +941,7 @@ def train_member(
                 mean=data.splits.mean,
                 std=data.splits.std,
             )
-        noise = member_train_noise(spec, m, train.x.shape)
+        noise = member_train_noise(spec, m, train.x.shape, scales=scales)
         history = train_model(
             model,
             train,
@@ -696,7 +1127,10 @@ def train_ensemble(
             :class:`InputError` naming the address.
         download: let torchvision datasets download.
 
-    The weights do not depend on ``n_jobs``, ``backend`` or ``scheduler`` (see module docstring).
+    The weights do not depend on ``n_jobs``, ``backend`` or ``scheduler`` (see module docstring). With
+    ``noise="sample-specific"`` the reference model and the training scales are computed here, in this
+    process, before any member is dispatched (:func:`ensure_training_scales`); a recorded reference model
+    or scales file that fails verification raises :class:`RecordError` whatever ``retrain_corrupt`` says.
     """
     from tqdm.auto import tqdm
 
@@ -736,8 +1170,23 @@ def train_ensemble(
                 "test_noise": STREAM_TEST_NOISE,
                 "member_init": STREAM_MEMBER_INIT,
                 "derivation": "derive_seed(seed, stream, member)",
+                **(
+                    {
+                        "sigma_reference": STREAM_SIGMA_REFERENCE,
+                        "sigma_train": STREAM_SIGMA_TRAIN,
+                        "sigma_test": STREAM_SIGMA_TEST,
+                    }
+                    if spec.sample_specific
+                    else {}
+                ),
             },
         )
+    if spec.sample_specific:  # once per run, before any member trains; verified on resume
+        try:
+            scale_dev = dev if scheduler is None else str(resolve_device(dev))
+        except CertkitError:  # a CUDA device only the Dask workers have: choose the scales on the CPU
+            scale_dev = "cpu"
+        ensure_training_scales(spec, run, device=scale_dev, progress=progress, download=download)
 
     todo: list[int] = []
     corrupt: dict[str, str] = {}
