@@ -161,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     etrain.add_argument("--target", type=int, default=0, help="target class (default: 0)")
     etrain.add_argument("--members", type=int, default=50, help="number of members M (default: 50)")
     etrain.add_argument("--sigma", type=_positive_float, default=0.5, help="training and test noise std (default: 0.5)")
+    etrain.add_argument("--noise", choices=["fixed", "sample-specific"], default="fixed",
+                        help="fixed: RAB's noise at --sigma; sample-specific: Cert-SSB per-training-sample scales "
+                        "by gradient ascent from --sigma, fixed before the members train (default: fixed)")
+    etrain.add_argument("--sigma-steps", type=int, default=1000,
+                        help="sample-specific: ascent steps for the training and test scales (default: 1000)")
+    etrain.add_argument("--sigma-lr", type=_positive_float, default=1e-4,
+                        help="sample-specific: ascent learning rate (default: 1e-4)")
     etrain.add_argument("--epochs", type=int, default=10, help="epochs per member (default: 10)")
     etrain.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     etrain.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
@@ -320,7 +327,10 @@ def _dispatch_ensemble(args: argparse.Namespace, progress: bool) -> int:
                             attack_params=args.attack_params, poison_rate=args.poison_rate, target=args.target,
                             members=check_positive_int(args.members, "--members"), sigma=args.sigma,
                             epochs=check_positive_int(args.epochs, "--epochs"), lr=args.lr,
-                            batch_size=check_positive_int(args.batch_size, "--batch-size"), seed=args.seed)
+                            batch_size=check_positive_int(args.batch_size, "--batch-size"), seed=args.seed,
+                            **({"noise": "sample-specific",
+                                "sigma_steps": check_positive_int(args.sigma_steps, "--sigma-steps"),
+                                "sigma_lr": args.sigma_lr} if args.noise == "sample-specific" else {}))
         run = train_ensemble(spec, args.out, n_jobs=check_positive_int(args.n_jobs, "--n-jobs"),
                              scheduler=args.scheduler, device=args.device, progress=progress)
         er.train_undefended(run, spec, er.prepare_data(spec), device=args.device, progress=progress, log=print)
