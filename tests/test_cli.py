@@ -158,3 +158,22 @@ def test_certify_on_another_dataset_checks_shapes(demo_run, tmp_path, capsys):
     code = main(["certify", str(demo_run), "--dataset", f"npz:{bad}", "--n0", "5", "--n", "10", "--no-progress"])
     assert code == 2
     assert "expects 10 classes and inputs (1, 8, 8)" in capsys.readouterr().err
+
+
+def test_certify_sample_specific_beside_fixed(demo_run, capsys):
+    code = main(["certify", str(demo_run), "--model", "noise-0.25", "--sigma", "0.25", "--sigma-mode", "fixed",
+                 "sample-specific", "--sigma-steps", "20", "--n0", "20", "--n", "100", "--max-points", "30",
+                 "--no-progress"])
+    assert code == 0
+    summary = json.loads((demo_run / "summary.json").read_text())
+    rows = {r["sigma_mode"]: r for r in summary["certified"]}
+    assert set(rows) == {"fixed", "sample-specific"}
+    ssb = rows["sample-specific"]
+    # sigma only grows under the released (detached) ascent, and the store covers what was certified
+    assert ssb["sigma_mean"] >= 0.25
+    assert ssb["storage"]["n_stored"] == 30 - round(30 * ssb["abstain_rate"])
+    points = pd.read_csv(demo_run / "points.csv")
+    clean_ssb = points[(points["sigma_mode"] == "sample-specific") & (points["set"] == "clean")]
+    assert (clean_ssb["sigma"] >= 0.25).all() and clean_ssb["sigma"].nunique() > 1
+    assert any(p.name.endswith(".npz") for p in (demo_run / "stores").iterdir())
+    assert "sample-specific" in capsys.readouterr().out
