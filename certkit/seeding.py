@@ -16,6 +16,7 @@ STREAM_PREDICT = 2  # Cohen PREDICT draws
 STREAM_TRAIN_NOISE = 10  # ensemble member: fixed Gaussian noise on every training input (RAB)
 STREAM_TEST_NOISE = 11  # ensemble member: fixed Gaussian noise added to every test input
 STREAM_MEMBER_INIT = 12  # ensemble member: weight initialisation and batch order
+STREAM_SIGMA = 20  # sample-specific sigma optimisation (certkit.sigma): SGA noise / member choice
 
 
 def _splitmix64(z: int) -> int:
