@@ -17,10 +17,13 @@ from .metrics import certified_trigger_robustness, defense_effectiveness_rating,
 from .radius import gaussian_radius
 from .records import RunDirectory
 from .results import CertificationResult
+from .sigma import SigmaResult, optimize_sigma
 from .smoothing import PredictionResult, RandomizedSmoothing
+from .storage import CertifiedStore, StorageCertifier, StorageResult
 
 __all__ = [
     "CertificationResult",
+    "CertifiedStore",
     "CertkitError",
     "ConfidenceInterval",
     "EnsembleSpec",
@@ -30,7 +33,10 @@ __all__ = [
     "RandomizedSmoothing",
     "RecordError",
     "RunDirectory",
+    "SigmaResult",
     "SmoothedEnsemble",
+    "StorageCertifier",
+    "StorageResult",
     "UnknownNameError",
     "__version__",
     "certified_trigger_robustness",
@@ -41,6 +47,7 @@ __all__ = [
     "gaussian_radius",
     "hoeffding",
     "hoeffding_halfwidth",
+    "optimize_sigma",
     "train_ensemble",
     "train_member",
 ]
