@@ -40,8 +40,9 @@ touch). It holds pair by pair: every ball is trimmed against every earlier ball 
 Decisions (where the papers and the released code are silent)
 --------------------------------------------------------------
 * **Order dependence.** Certificates depend on the points processed before: a permutation of the test set
-  can change labels, radii and certified accuracy (Sukenik et al., ICML 2022, discuss the underlying
-  soundness issue of input-dependent sigma). The order is therefore part of the result:
+  can change labels, radii and certified accuracy (Sukenik, Kuvshinov & Guennemann, "Intriguing
+  Properties of Input-Dependent Randomized Smoothing", ICML 2022, discuss the underlying soundness issue
+  of input-dependent sigma). The order is therefore part of the result:
   ``order="given"`` (row order) or ``order="shuffle"`` (``numpy.random.default_rng(seed).permutation``), or an
   explicit permutation passed to :meth:`StorageCertifier.certify`; it is returned in
   :attr:`StorageResult.order` and passing it back reproduces the result exactly.
@@ -69,7 +70,8 @@ Decisions (where the papers and the released code are silent)
   level); for an aligned or maximised row the radius no longer derives from them. ``correct`` is
   recomputed where the prediction changed. The store records the point's own sigma.
 * **Inputs** are flattened to ``[N, D]`` float64; the radius is the Euclidean distance in these units.
-  Infinite radii are refused.
+  Infinite radii and coordinates beyond ``1e100`` in absolute value (squared distances would overflow)
+  are refused.
 
 Not determined by the papers: whether stored regions are ever shrunk (here: never; a stored certificate is
 final), the tie-break, the treatment of abstentions and of the maximise step's cap. DDRS and ANCER report
@@ -82,8 +84,9 @@ The whole sequential loop is one numba kernel (:func:`_storage_update_kernel`) o
 arrays; the cost is ``O(N^2 D)`` distance work, i.e. every new point is compared with the store as it is
 when the point comes. To make that work fast, points are taken in blocks of 512 consecutive positions of
 the order: the squared distances of a block to the store as it was before the block are bounded from below
-by matrix products (``|a|^2 + |b|^2 - 2 a.b`` through BLAS, with a rigorous rounding margin; store chunks
-in parallel numba threads, BLAS limited to one thread meanwhile), and only the balls that can matter for a
+by matrix products (``|a|^2 + |b|^2 - 2 a.b`` through BLAS, in float32 when ``|x| <= 1e15`` and float64
+otherwise, minus a rigorous rounding margin, :func:`_bound_margins`; store chunks in parallel numba
+threads, BLAS limited to one thread meanwhile), and only the balls that can matter for a
 point (``D_j < r_j + R``, where ``R`` bounds the point's final radius: its own radius or the depth of a
 ball containing it) get their distance computed exactly, in one fixed summation order used throughout this
 module. Every decision is taken on these exact distances, so the result is the point-by-point computation
@@ -124,6 +127,9 @@ _UP = 1.0 + 4.0 * _EPS  # widening factor of every pruning threshold (a few ulps
 # kernel blocking: points per block, store entries per matrix-product tile (a [512, 1024] float64 tile is
 # 4 MiB per thread), candidates listed per point and chunk before a direct scan
 _BLOCK, _TILE, _CAND_CAP = 512, 1024, 128
+# float32 distance bounds need |x| <= 1e15 (no overflow, margins of _bound_margins); inputs beyond 1e100 are
+# refused (squared distances would overflow float64)
+_SINGLE_MAX_ABS, _MAX_ABS = 1e15, 1e100
 
 # bits of the per-point flags returned by the kernel
 _ALIGNED, _TRIMMED, _MAXIMISED = 1, 2, 4
@@ -198,27 +204,36 @@ def _sqdist_exceeds(a: np.ndarray, b: np.ndarray, limit: float) -> tuple[bool, f
     return s > limit, s
 
 
-@njit(cache=True, nogil=True)
-def _norm_margin(d: int) -> float:
-    """``c`` such that ``(1 - c)(|a|^2 + |b|^2) - 2 fl(a.b)`` is below ``fl(_sqdist(a, b))``.
+def _bound_margins(d: int, single: bool) -> tuple[float, float]:
+    """``(c, a)`` such that ``(1 - c)(|x|^2 + |y|^2) - 2 fl(x.y) - a`` is below ``fl(_sqdist(x, y))``.
 
-    Rounding errors of the Gram form (two norms and a dot product, each within ``d u`` of their value, plus
-    three additions) and of ``_sqdist`` itself (within ``d u`` of ``|a - b|^2 <= 2(|a|^2 + |b|^2)``) add up
-    to less than ``(4 d + 8) u (|a|^2 + |b|^2)``; the margin doubles it.
+    float64 (``single=False``): rounding errors of the Gram form (two norms and a dot product, each within
+    ``d u`` of their value, ``u = 2^-53``, plus three additions) and of ``_sqdist`` itself (within
+    ``(d + 3) u`` of ``|x - y|^2 <= 2(|x|^2 + |y|^2)``) stay below ``(4 d + 16) u (|x|^2 + |y|^2)``; ``c`` doubles
+    that. ``a`` covers products that underflow (``2^-1075`` each).
+
+    float32 dot product (``single=True``, inputs rounded to float32 first, ``|x_k| <= 1e15``): the dot
+    product is within ``(d + 3) u32 |x||y|`` of the exact one (``u32 = 2^-24``), so ``c`` adds
+    ``2 (d + 4) u32``; ``a`` covers coordinates below float32's normal range (absolute error ``2^-150``,
+    times ``|y_k| <= 1e15``) and underflowing products.
     """
-    return (8.0 * d + 64.0) * 2.220446049250313e-16
+    c64 = (8.0 * d + 64.0) * 2.0**-53
+    if single:
+        return c64 + 2.0 * (d + 4.0) * 2.0**-24, d * 1e-29
+    return c64, d * 1e-300
 
 
 @njit(parallel=True)  # no cache: np.dot binds BLAS through ctypes pointers
-def _block_bounds(xb: np.ndarray, nb: np.ndarray, rb: np.ndarray, cflat: np.ndarray, nsq: np.ndarray,
-                  radii: np.ndarray, kpre: int, tile: int, gbuf: np.ndarray, cand: np.ndarray,
+def _block_bounds(xb: np.ndarray, nb: np.ndarray, rb: np.ndarray, bflat: np.ndarray, nsq: np.ndarray,
+                  slack: float, radii: np.ndarray, kpre: int, tile: int, gbuf: np.ndarray, cand: np.ndarray,
                   ncand: np.ndarray) -> None:
     """List, for each point of a block, the stored balls ``j < kpre`` that may matter for it.
 
     The store is cut into ``P = gbuf.shape[0]`` contiguous chunks processed in parallel (one thread each,
     single-threaded BLAS); chunk ``p`` multiplies the block by ``tile`` centres at a time
-    (``G = Q @ S_tile.T``) and forms ``L_ij = nb_i + nsq_j - 2 G_ij``, a lower bound of the exact squared
-    distance (``nb``/``nsq`` are squared norms times ``1 - c``, :func:`_norm_margin`). Ball ``j`` is a
+    (``G = Q @ S_tile.T``, float32 or float64 as ``bflat``) and forms ``L_ij = nb_i + nsq_j - 2 G_ij - slack``,
+    a lower bound of the exact squared distance (``nb``/``nsq`` are squared norms times ``1 - c``,
+    :func:`_bound_margins`). Ball ``j`` is a
     candidate of row ``i`` when ``L_ij < ((r_j + rb_i) (1 + 4u))^2``. ``cand[p, i]`` lists the first
     ``cand.shape[2]`` candidates of chunk ``p`` in increasing order, ``ncand[p, i]`` counts all of them.
     """
@@ -234,10 +249,10 @@ def _block_bounds(xb: np.ndarray, nb: np.ndarray, rb: np.ndarray, cflat: np.ndar
             j1 = min(kpre, j0 + tile)
             kt = j1 - j0
             g = gbuf[p, : m * kt].reshape((m, kt))
-            np.dot(xb, cflat[j0 * d: j1 * d].reshape((kt, d)).T, g)
+            np.dot(xb, bflat[j0 * d: j1 * d].reshape((kt, d)).T, g)
             for i in range(m):
                 cnt = ncand[p, i]
-                a = nb[i]
+                a = nb[i] - slack
                 r = rb[i]
                 for j in range(kt):
                     low = a + nsq[j0 + j] - 2.0 * g[i, j]
@@ -259,6 +274,7 @@ def _rows(flat: np.ndarray, start: int, stop: int, d: int) -> np.ndarray:
 @njit  # no cache: np.dot binds BLAS through ctypes pointers
 def _storage_update_kernel(x: np.ndarray, order: np.ndarray, pred: np.ndarray, rad: np.ndarray,
                            cflat: np.ndarray, labels: np.ndarray, radii: np.ndarray, k0: int,
+                           bflat: np.ndarray, xbbflat: np.ndarray, gbuf: np.ndarray, margins: np.ndarray,
                            block: int, tile: int, tie_last: bool, cand_cap: int):
     """The sequential storage-update loop (align, trim, maximise, store) over all points.
 
@@ -269,7 +285,11 @@ def _storage_update_kernel(x: np.ndarray, order: np.ndarray, pred: np.ndarray, r
         cflat, labels, radii: the store buffers of capacity ``C = K0 + N`` (centres as a flat C-ordered
             ``[C * D]`` buffer); the first ``k0`` entries hold an earlier, consistent store; the rest is
             filled here in processing order.
-        block: points per block; tile: store entries per matrix product of the distance bound.
+        bflat: the store centres in the precision of the distance bounds (float32, or ``cflat`` itself);
+            ``xbbflat``: ``[B * D]`` block buffer of that precision; ``gbuf``: ``[P, B * tile]`` product
+            buffers of that precision, one per parallel chunk.
+        margins: ``[c, a]``, rounding margins of the bound precision (:func:`_bound_margins`).
+        block: points per block (``B``); tile: store entries per matrix product of the distance bound.
         tie_last: among equally deep containing balls report the latest stored one (else the earliest).
         cand_cap: candidates listed per point by the prefilter before it falls back to a direct scan.
 
@@ -282,22 +302,21 @@ def _storage_update_kernel(x: np.ndarray, order: np.ndarray, pred: np.ndarray, r
     n, d = x.shape
     cap_total = labels.shape[0]
     centers = cflat.reshape((cap_total, d))
-    c = _norm_margin(d)
+    c, slack = margins[0], margins[1]
     out_pred = pred.copy()
     out_rad = np.zeros(n)
     covered = np.full(n, -1, dtype=np.int64)
     flags = np.zeros(n, dtype=np.int64)
     store_pos = np.full(n, -1, dtype=np.int64)
     store_row = np.full(cap_total, -1, dtype=np.int64)
-    nsq = np.empty(cap_total)  # (1 - c) |centre|^2 of every store entry
+    nsq = np.empty(cap_total)  # (1 - c) |centre|^2 of every store entry (bound precision)
     zero = np.zeros(d)
     for j in range(k0):
         nsq[j] = (1.0 - c) * _sqdist(centers[j], zero)
     xbflat = np.empty(block * d)
-    nb = np.empty(block)
+    nb = np.empty(block)  # (1 - c) |x|^2 of the block's points
     rb = np.empty(block)
-    nchunk = max(1, numba.get_num_threads())
-    gbuf = np.empty((nchunk, block * tile))
+    nchunk = gbuf.shape[0]
     cand = np.empty((nchunk, block, cand_cap), dtype=np.int64)
     ncand = np.zeros((nchunk, block), dtype=np.int64)
     local_of = np.empty(block, dtype=np.int64)  # block-local row of each in-block store entry
@@ -307,21 +326,24 @@ def _storage_update_kernel(x: np.ndarray, order: np.ndarray, pred: np.ndarray, r
     for start in range(0, n, block):
         m = min(block, n - start)
         xb = _rows(xbflat, 0, m, d)
+        xbb = _rows(xbbflat, 0, m, d)
         for i in range(m):
             row = order[start + i]
             for t in range(d):
                 xb[i, t] = x[row, t]
+                xbb[i, t] = x[row, t]
             nb[i] = (1.0 - c) * _sqdist(xb[i], zero)
             rb[i] = rad[row] if pred[row] >= 0 else 0.0
         kpre = k
         # ---- candidate balls among the store before the block (bounds from matrix products)
         if kpre > 0:
-            _block_bounds(xb, nb[:m], rb[:m], cflat, nsq, radii, kpre, tile, gbuf, cand, ncand)
+            _block_bounds(xbb, nb[:m], rb[:m], bflat, nsq, slack, radii, kpre, tile, gbuf, cand, ncand)
         # ---- bounds between points of the block
-        ginb = np.dot(xb, xb.T)
+        gin = np.dot(xbb, xbb.T)
+        ginb = np.empty((m, m))
         for i in range(m):
             for l2 in range(m):
-                ginb[i, l2] = nb[i] + nb[l2] - 2.0 * ginb[i, l2]
+                ginb[i, l2] = nb[i] + nb[l2] - 2.0 * gin[i, l2] - slack
         for i in range(m):
             row = order[start + i]
             y = pred[row]
@@ -423,6 +445,7 @@ def _storage_update_kernel(x: np.ndarray, order: np.ndarray, pred: np.ndarray, r
             if r > 0.0:
                 for t in range(d):
                     centers[k, t] = xi[t]
+                    bflat[k * d + t] = xi[t]
                 labels[k] = y
                 radii[k] = r
                 nsq[k] = nb[i]
@@ -518,19 +541,30 @@ def fingerprint_array(x: np.ndarray) -> str:
     arr = np.ascontiguousarray(x, dtype=np.float64)
     h = hashlib.sha256()
     h.update(f"float64{tuple(int(s) for s in arr.shape)}".encode())
-    h.update(memoryview(arr).cast("B"))
+    if arr.size:
+        h.update(memoryview(arr).cast("B"))
     return h.hexdigest()
+
+
+_BLAS_CONTROLLER: Any = None
 
 
 def _single_threaded_blas() -> Any:
     """Context limiting BLAS to one thread: the kernel runs its matrix products in parallel numba threads,
-    and a multi-threaded BLAS under them would oversubscribe the cores."""
-    try:
-        import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS numba calls, so that it is limited too)
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - scikit-learn brings threadpoolctl
+    and a multi-threaded BLAS under them would oversubscribe the cores. (The library scan of threadpoolctl
+    is done once per process.)"""
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:
+        try:
+            import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS numba calls, so that it is limited too)
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - scikit-learn brings threadpoolctl
+            _BLAS_CONTROLLER = False
+        else:
+            _BLAS_CONTROLLER = ThreadpoolController()
+    if _BLAS_CONTROLLER is False:  # pragma: no cover
         return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
 
 
 def _check_order(order: Any, n: int) -> np.ndarray:
@@ -560,7 +594,8 @@ def _checksum(arrays: dict[str, np.ndarray], strings: dict[str, str], version: i
     for key in _ARRAY_KEYS:
         a = np.ascontiguousarray(arrays[key])
         h.update(f"|{key}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(memoryview(a).cast("B") if a.size else b"")
+        if a.size:
+            h.update(memoryview(a).cast("B"))
     for key in _STRING_KEYS:
         h.update(f"|{key}|".encode())
         h.update(strings[key].encode("utf-8"))
@@ -751,7 +786,11 @@ class CertifiedStore:
         except (ValueError, AttributeError) as exc:
             raise RecordError(f"{path}: malformed string fields") from exc
         arrays = {k: contents[k] for k in _ARRAY_KEYS}
-        if _checksum(arrays, strings, version) != stored_sum:
+        try:
+            actual_sum = _checksum(arrays, strings, version)
+        except (TypeError, ValueError) as exc:
+            raise RecordError(f"{path}: arrays of unexpected types ({exc})") from exc
+        if actual_sum != stored_sum:
             raise RecordError(f"{path} fails its checksum: the store was modified or is corrupt")
         shape = tuple(int(s) for s in arrays["shape"].reshape(-1))
         if expected_shape is not None and shape != tuple(int(s) for s in expected_shape):
@@ -890,6 +929,12 @@ class StorageCertifier:
                 raise InputError(f"store must be a CertifiedStore, got {type(store).__name__}")
             if store.shape != shape:
                 raise InputError(f"store was built for inputs of shape {store.shape}, x has shape {shape}")
+        max_abs = max(float(flat.max()), -float(flat.min())) if flat.size else 0.0
+        if store is not None and len(store):
+            max_abs = max(max_abs, float(store.centers.max()), -float(store.centers.min()))
+        if max_abs > _MAX_ABS:
+            raise InputError(f"x has values up to {max_abs:.3g}; storage-update certification needs |x| <= {_MAX_ABS:g} "
+                             "(squared distances must stay finite)")
         pred = np.ascontiguousarray(certificates.prediction, dtype=np.int64)
         rad = np.ascontiguousarray(certificates.radius, dtype=np.float64)
         if not np.isfinite(rad).all():
@@ -913,9 +958,22 @@ class StorageCertifier:
             labels[:k0] = store.labels
             radii[:k0] = store.radii
         block = bs if bs is not None else _BLOCK
+        # distance bounds in float32 (twice the BLAS speed) when the values allow it, else float64
+        single = max_abs <= _SINGLE_MAX_ABS
+        bdtype = np.float32 if single else np.float64
+        if single:
+            bflat = np.empty(cap * d, dtype=np.float32)
+            bflat[: k0 * d] = cflat[: k0 * d]  # the rest is written by the kernel as balls are stored
+        else:
+            bflat = cflat
+        c, a = _bound_margins(d, single)
+        xbb = np.empty(block * d, dtype=bdtype)
+        gbuf = np.empty((max(1, numba.get_num_threads()), block * _TILE), dtype=bdtype)
         with _single_threaded_blas():
             k, out_pred, out_rad, covered, flags, stored_as, store_row = _storage_update_kernel(
-                flat, ordr, pred, rad, cflat, labels, radii, k0, block, _TILE, tie_last, _CAND_CAP)
+                flat, ordr, pred, rad, cflat, labels, radii, k0, bflat, xbb, gbuf,
+                np.array([c, a]), block, _TILE, tie_last, _CAND_CAP)
+        del bflat, gbuf
         new_rows = store_row[k0:k]
         sig_new = certificates.sigma[new_rows]
         ids_new = certificates.index[new_rows]
