@@ -267,6 +267,7 @@ def _certify_sample_specific(run: RunDirectory, cfg: EnsembleCertifyConfig, spec
     """The three quantities of DESIGN.md section 3 for a sample-specific run (module docstring)."""
     from .ensemble_training import SAMPLE_SPECIFIC_ASSUMPTION, load_training_scales
     from .metrics import empirical_metrics
+    from .storage import StorageCertifier
 
     test, trig, target = data.splits.test, data.triggered, spec.target
     scales = load_training_scales(run)
@@ -283,6 +284,14 @@ def _certify_sample_specific(run: RunDirectory, cfg: EnsembleCertifyConfig, spec
                               triggered=True, trigger_norm=weighted, name=name, **bounds)
     gap_clean, gap_trig = vote_gap(v_clean, **bounds), vote_gap(v_trig, **bounds)
     joint_clean = joint_l2_radius(gap_clean, clean.sigma, scales)
+    # Input-dependent test sigmas: the certified classifier is the memory-augmented one (storage update over
+    # the clean test inputs in their order; the store is saved and deployed with the ensemble). The joint-l2
+    # radius is kept no larger than the adjusted input radius, and 0 where the label was aligned.
+    storage = StorageCertifier(order="given").certify(test.x[keep], clean)
+    clean = storage.result
+    storage.store.save(run.file("store.npz"))
+    run.record_file("store.npz")
+    joint_clean = np.where(storage.aligned, 0.0, np.minimum(joint_clean, clean.radius))
     joint_trig = joint_l2_radius(gap_trig, triggered.sigma, scales)
     covered = attack_covered(gap_trig, triggered.sigma, w, t_trig)
     plain_joint = joint_trigger_norms(float(delta_sq.sum()), t_trig)
@@ -323,7 +332,7 @@ def _certify_sample_specific(run: RunDirectory, cfg: EnsembleCertifyConfig, spec
         "weighted_poison_sum": w,
         "certified_trigger_robustness_test_time": ctr_test_time,
         "poisoned_training_points": int(len(data.poisoned.poison_indices)),
-        "training_scales": stats(scales), "test_sigmas": stats(clean.sigma),
+        "training_scales": stats(scales), "test_sigmas": stats(clean.sigma), "storage": storage.counts(),
         **bounds,
     }
     summary = {

@@ -575,6 +575,11 @@ def test_certify_a_sample_specific_run_end_to_end(tmp_path):
     assert row["noise"] == "sample-specific" and row["training_scales"]["min"] == float(scales.min())
     assert row["acr_joint_l2"] <= row["acr"] + 1e-15
     assert TEST_SIGMAS in run.reload()["files"]
+    # input-dependent sigmas: the storage update ran over the clean points and its store is saved
+    assert "store.npz" in run.reload()["files"] and row["storage"]["n_stored"] <= 40
+    from certkit.storage import CertifiedStore
+
+    assert CertifiedStore.load(run.file("store.npz")).check_invariant()
     points = pd.read_csv(run.file("points.csv"))
     clean, trig = points[points.set == "clean"], points[points.set == "triggered"]
     assert len(clean) == 40 and (clean.sigma >= spec.sigma).all()
