@@ -235,18 +235,8 @@ def certify_ensemble_run(run: RunDirectory, cfg: EnsembleCertifyConfig, *, devic
         "poisoned_training_points": int(len(data.poisoned.poison_indices)),
         **common,
     }
-    summary = {
-        "kind": RUN_KIND,
-        "attack": {**data.attack.config(), "target": target, "poison_rate": spec.poison_rate,
-                   "n_poisoned": int(len(data.poisoned.poison_indices)),
-                   "trigger_norm_mean": float(trig.trigger_norms.double().mean()) if len(trig.x) else None},
-        "dataset": {"name": data.splits.name, "n_train": len(data.splits.train), "n_test": len(test),
-                    "num_classes": data.splits.num_classes},
-        "undefended": emp,
-        "ensemble": row,
-        "training_assumption": "training noise is a fixed Gaussian draw per member and training input (RAB); "
-                               "certificates cover feature perturbations with labels as they are",
-    }
+    summary = _summary(spec, data, emp, row, "training noise is a fixed Gaussian draw per member and training "
+                       "input (RAB); certificates cover feature perturbations with labels as they are")
     frames = []
     for res, which in ((clean, "clean"), (triggered, "triggered")):
         f = res.to_frame()
@@ -335,17 +325,7 @@ def _certify_sample_specific(run: RunDirectory, cfg: EnsembleCertifyConfig, spec
         "training_scales": stats(scales), "test_sigmas": stats(clean.sigma), "storage": storage.counts(),
         **bounds,
     }
-    summary = {
-        "kind": RUN_KIND,
-        "attack": {**data.attack.config(), "target": target, "poison_rate": spec.poison_rate,
-                   "n_poisoned": int(len(data.poisoned.poison_indices)),
-                   "trigger_norm_mean": float(trig.trigger_norms.double().mean()) if len(trig.x) else None},
-        "dataset": {"name": data.splits.name, "n_train": len(data.splits.train), "n_test": len(test),
-                    "num_classes": data.splits.num_classes},
-        "undefended": emp,
-        "ensemble": row,
-        "training_assumption": SAMPLE_SPECIFIC_ASSUMPTION,
-    }
+    summary = _summary(spec, data, emp, row, SAMPLE_SPECIFIC_ASSUMPTION)
     frames = []
     for res, which, gap, joint in ((clean, "clean", gap_clean, joint_clean),
                                    (triggered, "triggered", gap_trig, joint_trig)):
@@ -363,6 +343,23 @@ def _certify_sample_specific(run: RunDirectory, cfg: EnsembleCertifyConfig, spec
     log(f"[ensemble] certified acc@0 {clean.accuracy():.3f}  ACR {clean.acr():.3f} (joint l2 {joint_res.acr():.3f})  "
         f"CTR(weighted) {ctr:.3f}  CTR(test-time) {ctr_test_time:.3f}  ensemble ASR {row['ensemble_asr']:.3f}")
     return summary
+
+
+def _summary(spec: Any, data: Any, undefended: dict[str, Any] | None, row: dict[str, Any],
+             assumption: str) -> dict[str, Any]:
+    """The ``summary.json`` of an ensemble run: attack, dataset, undefended baseline, ensemble row."""
+    trig = data.triggered
+    return {
+        "kind": RUN_KIND,
+        "attack": {**data.attack.config(), "target": spec.target, "poison_rate": spec.poison_rate,
+                   "n_poisoned": int(len(data.poisoned.poison_indices)),
+                   "trigger_norm_mean": float(trig.trigger_norms.double().mean()) if len(trig.x) else None},
+        "dataset": {"name": data.splits.name, "n_train": len(data.splits.train), "n_test": len(data.splits.test),
+                    "num_classes": data.splits.num_classes},
+        "undefended": undefended,
+        "ensemble": row,
+        "training_assumption": assumption,
+    }
 
 
 def _tensor_sha(x: torch.Tensor) -> str:

@@ -116,7 +116,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ._validation import check_choice, check_positive_int
+from ._validation import check_choice, check_number, check_positive_int
 from .errors import CertkitError, InputError, RecordError
 from .records import RunDirectory
 from .seeding import STREAM_MEMBER_INIT, STREAM_TEST_NOISE, STREAM_TRAIN_NOISE, derive_seed
@@ -175,16 +175,7 @@ _SIGMA_DEFAULTS = {"sigma_steps": None, "sigma_lr": 1e-4, "sigma_max": None, "si
 # spec
 
 
-def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool):
-        raise InputError(f"{name} must be a number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{name} must be a number, got {value!r}") from exc
-    if math.isnan(v):
-        raise InputError(f"{name} must be a number, got NaN")
-    return v
+_number = check_number
 
 
 def _member_index(m: Any, members: int | None = None) -> int:
