@@ -1,0 +1,194 @@
+"""Helpers shared by the purification methods: parameter checks, locating the classification head by
+structure, re-initialising a linear layer, and a seeded SGD + cosine fine-tuning loop."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from certkit.data import ArrayDataset
+from certkit.devices import resolve_device
+from certkit.errors import InputError
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def check_positive_int(value: Any, name: str) -> int:
+    """``value`` as an int >= 1, else :class:`InputError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_float(value: Any, name: str, *, minimum: float = 0.0, strict: bool = False,
+                maximum: float | None = None) -> float:
+    """``value`` as a finite float >= ``minimum`` (> when ``strict``, <= ``maximum`` if given)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InputError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v < minimum or (strict and v == minimum) or (maximum is not None and v > maximum):
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        if maximum is not None:
+            bound += f" and <= {maximum:g}"
+        raise InputError(f"{name} must be a finite number {bound}, got {value!r}")
+    return v
+
+
+def check_seed(seed: Any) -> int:
+    """``None`` -> 0 (purification is deterministic by default); else a non-negative integer."""
+    if seed is None:
+        return 0
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer or None, got {seed!r}")
+    return int(seed)
+
+
+def check_device(device: Any) -> torch.device:
+    """Resolve ``"auto" | "cpu" | "cuda[:N]" | torch.device`` (InputError if unavailable)."""
+    return resolve_device(device)
+
+
+def check_inputs(model: Any, clean_data: Any) -> None:
+    """The model is an ``nn.Module`` and ``clean_data`` a non-empty :class:`ArrayDataset`."""
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(clean_data, ArrayDataset):
+        raise InputError(f"clean_data must be a certkit.data.ArrayDataset, got {type(clean_data).__name__}")
+    if len(clean_data) == 0:
+        raise InputError("clean_data is empty: the purifier needs some clean labelled data")
+
+
+# ---------------------------------------------------------------------------------------------- head
+def _num_classes_of(model: nn.Module) -> int | None:
+    spec = getattr(model, "certkit_spec", None)
+    if isinstance(spec, dict):
+        k = spec.get("kwargs", {}).get("num_classes")
+        if k is not None:
+            return int(k)
+    return None
+
+
+def find_head(model: nn.Module, num_classes: int | None = None) -> tuple[str, nn.Linear]:
+    """The final classification head: the last ``nn.Linear`` (in module registration order) whose
+    ``out_features`` equals the number of classes.
+
+    Found by walking ``model.named_modules()``, never by attribute names. ``num_classes`` defaults to
+    ``model.certkit_spec["kwargs"]["num_classes"]`` when present, else to the ``out_features`` of the last
+    ``nn.Linear``. Returns ``(qualified_name, layer)``; raises :class:`InputError` if there is none.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise InputError(f"{type(model).__name__} has no nn.Linear layer: cannot find a classification head")
+    if num_classes is None:
+        num_classes = _num_classes_of(model)
+    if num_classes is None:
+        return linears[-1]
+    for name, m in reversed(linears):
+        if m.out_features == num_classes:
+            return name, m
+    sizes = [m.out_features for _, m in linears]
+    raise InputError(
+        f"no nn.Linear with {num_classes} outputs (the number of classes) in {type(model).__name__}; "
+        f"linear output sizes: {sizes}"
+    )
+
+
+def reinit_linear_(layer: nn.Linear, generator: torch.Generator) -> None:
+    """In place: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (FST's re-initialisation)."""
+    bound = 1.0 / math.sqrt(layer.in_features)
+    with torch.no_grad():
+        w = torch.empty(layer.weight.shape, dtype=layer.weight.dtype).uniform_(-bound, bound, generator=generator)
+        layer.weight.copy_(w)
+        if layer.bias is not None:
+            b = torch.empty(layer.bias.shape, dtype=layer.bias.dtype).uniform_(-bound, bound, generator=generator)
+            layer.bias.copy_(b)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def sgd_finetune(
+    model: nn.Module,
+    data: ArrayDataset,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+    device: str | torch.device = "auto",
+    progress: bool = False,
+    desc: str = "purify",
+    penalty: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[], None] | None = None,
+) -> list[float]:
+    """Fine-tune every trainable parameter of ``model`` in place with mean cross-entropy (+ ``penalty()``),
+    SGD (``momentum``, ``weight_decay``) and a cosine learning-rate schedule over ``epochs`` (stepped once
+    per epoch, ``T_max = epochs``, as in the FST code). ``after_step()`` runs after every optimiser step
+    (e.g. a projection). Shuffling and any model randomness are seeded by ``seed``; the global RNG state is
+    restored afterwards. BN/dropout are in train mode during tuning; the model ends in eval mode on its
+    original device. Returns the mean loss of each epoch.
+    """
+    dev = check_device(device)
+    home = _model_device(model)
+    if data.num_classes is not None:
+        k = _num_classes_of(model)
+        if k is not None and k != data.num_classes:
+            raise InputError(f"model has {k} classes but clean_data has num_classes={data.num_classes}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise InputError("model has no trainable parameters")
+    model.to(dev)
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    loss_fn = nn.CrossEntropyLoss()
+    n = len(data)
+    losses: list[float] = []
+    rng_devices = [dev] if dev.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(seed)
+            shuffle_gen = torch.Generator().manual_seed(seed)
+            model.train()
+            bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+            for epoch in bar:
+                perm = torch.randperm(n, generator=shuffle_gen)
+                total = 0.0
+                for start in range(0, n, batch_size):
+                    idx = perm[start : start + batch_size]
+                    xb, yb = data.x[idx].to(dev), data.y[idx].to(dev)
+                    out = model(xb)
+                    if out.dim() != 2 or out.shape[1] != data.num_classes:
+                        raise InputError(
+                            f"model must return logits [batch, {data.num_classes}], got {tuple(out.shape)}"
+                        )
+                    loss = loss_fn(out, yb)
+                    if penalty is not None:
+                        loss = loss + penalty()
+                    if not bool(torch.isfinite(loss)):
+                        raise InputError(f"purification diverged at epoch {epoch + 1} (lr={lr:g}); try a smaller lr")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    if after_step is not None:
+                        after_step()
+                    total += float(loss.detach()) * len(idx)
+                sched.step()
+                losses.append(total / n)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        model.eval()
+        model.to(home)
+    return losses
