@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
+from conftest import same_state, state_of
 from torch import nn
 
 import purifiers
-from certkit.attacks import BadNets, triggered_test_set
-from certkit.data import ArrayDataset, load_digits
+from certkit.data import ArrayDataset
 from certkit.errors import InputError, UnknownNameError
 from certkit.metrics import defense_effectiveness_rating
 from certkit.models import Normalize, build_model
-from certkit.training import train_model
 from purifiers._common import find_head
 
 TARGET = 0
@@ -31,28 +29,12 @@ CLEAN_FRACTION = 0.2
 FST_PARAMS = dict(epochs=20, batch_size=32, device="cpu")
 
 
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+_state, _same = state_of, same_state
 
 
 @pytest.fixture(scope="module")
-def setup():
-    splits = load_digits()
-    attack = BadNets()
-    poisoned = attack.poison(splits.train, 0.1, target=TARGET, seed=0)
-    torch.manual_seed(0)
-    model = build_model("digits-cnn", num_classes=10, input_shape=splits.input_shape, mean=splits.mean,
-                        std=splits.std)
-    train_model(model, poisoned.dataset, epochs=15, lr=1e-3, seed=0, progress=False, device="cpu")
-    rng = np.random.default_rng(0)
-    idx = rng.permutation(len(splits.train))[: int(CLEAN_FRACTION * len(splits.train))]
-    clean = splits.train.subset(idx)
-    triggered = triggered_test_set(attack, splits.test, TARGET)
-    return {"model": model, "clean": clean, "test": splits.test, "triggered": triggered}
+def setup(backdoored_digits):
+    return backdoored_digits
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,44 @@
+"""Shared fixtures: a BadNets-backdoored digits CNN and the defender's clean slice (purifier tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from certkit.attacks import BadNets, triggered_test_set
+from certkit.data import load_digits
+from certkit.models import build_model
+from certkit.training import train_model
+
+PURIFY_TARGET = 0
+# The defender gets 20% of the training set (251 images, ~25 per class): at 2-5% (25-63 images, 2-6 per
+# class) FST's head re-initialisation collapses clean accuracy (purifier-notes.md section 14).
+PURIFY_CLEAN_FRACTION = 0.2
+
+
+def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the model's state dict."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """True when two state dicts hold identical tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="session")
+def backdoored_digits() -> dict:
+    """BadNets (10%, target 0) DigitsCNN trained 15 epochs, the clean slice, the test and triggered sets."""
+    splits = load_digits()
+    attack = BadNets()
+    poisoned = attack.poison(splits.train, 0.1, target=PURIFY_TARGET, seed=0)
+    torch.manual_seed(0)
+    model = build_model("digits-cnn", num_classes=10, input_shape=splits.input_shape, mean=splits.mean,
+                        std=splits.std)
+    train_model(model, poisoned.dataset, epochs=15, lr=1e-3, seed=0, progress=False, device="cpu")
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(splits.train))[: int(PURIFY_CLEAN_FRACTION * len(splits.train))]
+    return {"model": model, "clean": splits.train.subset(idx), "test": splits.test,
+            "triggered": triggered_test_set(attack, splits.test, PURIFY_TARGET)}
