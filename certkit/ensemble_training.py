@@ -362,6 +362,16 @@ def _as_spec(spec: EnsembleSpec | Mapping[str, Any]) -> EnsembleSpec:
     raise InputError(f"spec must be an EnsembleSpec or a dict, got {type(spec).__name__}")
 
 
+def _seeded_model(spec: EnsembleSpec, data: Any, seed: int) -> torch.nn.Module:
+    """A fresh ``spec.model`` for ``data`` whose initial weights depend on ``seed`` only (global RNG untouched)."""
+    from .models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(spec.model, num_classes=data.splits.num_classes, input_shape=data.splits.input_shape,
+                           mean=data.splits.mean, std=data.splits.std)
+
+
 def member_name(m: int) -> str:
     """Model name of member ``m`` in the run directory: ``member-0000``, ``member-0001``, ...
     (at least four digits; names sort in member order up to 9999)."""
@@ -771,7 +781,6 @@ def _reference_model(
     run: RunDirectory, spec: EnsembleSpec, data: EnsembleData, device: str | torch.device, progress: bool
 ) -> torch.nn.Module:
     """Load (verified) or train the run's reference model (Gaussian augmentation at the base sigma)."""
-    from .models import build_model
     from .training import train_model
 
     if REFERENCE_MODEL in run.models():
@@ -784,15 +793,7 @@ def _reference_model(
             ) from exc
     seed = derive_seed(spec.seed, STREAM_SIGMA_REFERENCE, 0)
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(
-            spec.model,
-            num_classes=data.splits.num_classes,
-            input_shape=data.splits.input_shape,
-            mean=data.splits.mean,
-            std=data.splits.std,
-        )
+    model = _seeded_model(spec, data, seed)
     history = train_model(
         model,
         data.poisoned.dataset,
@@ -900,7 +901,6 @@ def train_member(
     (:class:`RecordError`). Returns ``{"member", "name", "sha256", "seconds", "final_loss",
     "final_accuracy", "seed", "trained"}`` (plus ``"loss"``, the per-epoch losses, when trained).
     """
-    from .models import build_model
     from .training import train_model
 
     spec = _as_spec(spec)
@@ -923,15 +923,7 @@ def train_member(
     train = data.poisoned.dataset
     with _exclusive_training(spec.threads_per_member):
         t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = build_model(
-                spec.model,
-                num_classes=data.splits.num_classes,
-                input_shape=data.splits.input_shape,
-                mean=data.splits.mean,
-                std=data.splits.std,
-            )
+        model = _seeded_model(spec, data, seed)
         noise = member_train_noise(spec, m, train.x.shape, scales=scales)
         history = train_model(
             model,

@@ -96,7 +96,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._validation import check_finite_tensor, check_positive_int, check_sigma
+from ._validation import check_finite_tensor, check_number, check_positive_int, check_sigma
 from .devices import resolve_device
 from .errors import InputError, RecordError
 from .seeding import STREAM_SIGMA, derive_seed
@@ -227,12 +227,7 @@ def proxy_radius(probs: torch.Tensor, sigma: torch.Tensor, clamp: tuple[float, f
 
 # ---------------------------------------------------------------------------------------------- checks
 def _finite_number(value: Any, name: str) -> float:
-    if isinstance(value, bool):
-        raise InputError(f"{name} must be a number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{name} must be a number, got {value!r}") from exc
+    v = check_number(value, name)
     if not math.isfinite(v):
         raise InputError(f"{name} must be finite, got {value!r}")
     return v
