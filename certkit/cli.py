@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="digits | mnist | cifar10 | gtsrb | npz:PATH | folder:PATH (default: digits)")
     train.add_argument("--data-root", default=None, help="folder for torchvision datasets")
     train.add_argument("--download", action="store_true", help="allow torchvision to download the dataset")
-    train.add_argument("--model", default="digits-cnn", help="architecture: digits-cnn | rab-mnist-cnn (default: digits-cnn)")
+    train.add_argument("--model", default="digits-cnn", help="architecture: digits-cnn | digits-bn-cnn | rab-mnist-cnn | preact-resnet18 (default: digits-cnn)")
     train.add_argument("--attack", default="badnets", help="attack name (default: badnets)")
     train.add_argument("--attack-params", type=_json_dict, default={}, help="attack parameters as JSON")
     train.add_argument("--poison-rate", type=float, default=0.1, help="fraction of training data poisoned (default: 0.1)")

@@ -24,8 +24,11 @@ from .errors import InputError, UnknownNameError
 
 __all__ = [
     "MODELS",
+    "DigitsBNCNN",
     "DigitsCNN",
     "Normalize",
+    "PreActBlock",
+    "PreActResNet18",
     "RABMnistCNN",
     "build_model",
     "model_from_spec",
@@ -174,6 +177,115 @@ class RABMnistCNN(nn.Module):
         return self.classifier(self.features(self.normalize(x)))
 
 
+class DigitsBNCNN(nn.Module):
+    """The digits CNN with BatchNorm after every convolution (conv -> BN -> ReLU), for the purification
+    methods that act on BatchNorm neurons (ANP, RNP, CLP) and for TSC's BN re-estimation:
+    Normalize -> [conv3x3(16) BN ReLU] -> [conv3x3(32) BN ReLU] -> maxpool2 -> [conv3x3(32) BN ReLU]
+    -> maxpool2 -> flatten -> Linear(64) -> ReLU -> Linear(num_classes).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+        input_size: int | Sequence[int] = 8,
+    ) -> None:
+        super().__init__()
+        num_classes = check_positive_int(num_classes, "num_classes")
+        in_channels = check_positive_int(in_channels, "in_channels")
+        h, w = _pair(input_size, "input_size")
+        if h < 4 or w < 4:
+            raise InputError(f"DigitsBNCNN needs inputs of at least 4x4, got {h}x{w}")
+        m, s = _channel_stats(mean, std, in_channels)
+        self.normalize = Normalize(m, s)
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 3, padding=1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        flat = 32 * (h // 4) * (w // 4)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(flat, 64), nn.ReLU(), nn.Linear(64, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(self.normalize(x)))
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation residual block (He et al., "Identity Mappings in Deep Residual Networks", ECCV 2016):
+    ``out = conv2(relu(bn2(conv1(relu(bn1(x)))))) + shortcut``, where the shortcut is ``x`` or, when the
+    stride or width changes, a 1x1 convolution of ``relu(bn1(x))``.
+    """
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(torch.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet18(nn.Module):
+    """PreAct-ResNet18, the standard victim of BackdoorBench (CIFAR-style stem: one 3x3 convolution, no
+    max-pool): Normalize -> conv3x3(64) -> 4 stages of 2 :class:`PreActBlock` (64, 128, 256, 512 channels,
+    strides 1, 2, 2, 2) -> global average pool -> Linear(num_classes). Like BackdoorBench's version it has
+    no final BN-ReLU before pooling. Works for any input of at least 8x8 pixels.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        mean: Sequence[float] = (0.0, 0.0, 0.0),
+        std: Sequence[float] = (1.0, 1.0, 1.0),
+        input_size: int | Sequence[int] = 32,
+    ) -> None:
+        super().__init__()
+        num_classes = check_positive_int(num_classes, "num_classes")
+        in_channels = check_positive_int(in_channels, "in_channels")
+        h, w = _pair(input_size, "input_size")
+        if h < 8 or w < 8:
+            raise InputError(f"PreActResNet18 needs inputs of at least 8x8, got {h}x{w}")
+        m, s = _channel_stats(mean, std, in_channels)
+        self.normalize = Normalize(m, s)
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        planes, layers = 64, []
+        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers.append(nn.Sequential(PreActBlock(planes, width, stride), PreActBlock(width, width, 1)))
+            planes = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(self.normalize(x))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(torch.flatten(self.avgpool(out), 1))
+
+
 # --------------------------------------------------------------------------------------------------
 # Registry and spec round trip
 # --------------------------------------------------------------------------------------------------
@@ -187,9 +299,21 @@ def _build_rab_mnist_cnn(num_classes, input_shape, mean, std) -> nn.Module:
     return RABMnistCNN(num_classes, c, (h, w), mean, std)
 
 
+def _build_digits_bn_cnn(num_classes, input_shape, mean, std) -> nn.Module:
+    c, h, w = input_shape
+    return DigitsBNCNN(num_classes, c, mean, std, input_size=(h, w))
+
+
+def _build_preact_resnet18(num_classes, input_shape, mean, std) -> nn.Module:
+    c, h, w = input_shape
+    return PreActResNet18(num_classes, c, mean, std, input_size=(h, w))
+
+
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "digits-cnn": _build_digits_cnn,
+    "digits-bn-cnn": _build_digits_bn_cnn,
     "rab-mnist-cnn": _build_rab_mnist_cnn,
+    "preact-resnet18": _build_preact_resnet18,
 }
 #: Names accepted by :func:`build_model`.
 MODELS: tuple[str, ...] = tuple(_BUILDERS)

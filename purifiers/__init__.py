@@ -9,7 +9,7 @@ from .evaluate import PurificationReport, evaluate
 from .finetune import FineTuning
 from .fst import FeatureShiftTuning
 from .npd import NeuralPolarizerDefense
-from .registry import available, make, register
+from .registry import available, fast_params, make, register
 from .sau import SharedAdversarialUnlearning
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "SharedAdversarialUnlearning",
     "available",
     "evaluate",
+    "fast_params",
     "make",
     "register",
 ]

@@ -63,6 +63,28 @@ def check_inputs(model: Any, clean_data: Any) -> None:
         raise InputError("clean_data is empty: the purifier needs some clean labelled data")
 
 
+def split_validation(data: ArrayDataset, fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """Carve a stratified validation split of ``fraction`` off the defender's clean data.
+
+    Each class keeps at least one sample on the training side; the split is seeded by ``seed``. Returns
+    ``(train, validation)``; raises :class:`InputError` when the data is too small for both sides.
+    """
+    fraction = check_float(fraction, "validation fraction", strict=True, maximum=0.9)
+    rng = np.random.default_rng(seed)
+    y = data.y.cpu().numpy()
+    val_idx: list[int] = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        k = min(int(round(fraction * len(idx))), len(idx) - 1)
+        val_idx.extend(idx[:k].tolist())
+    if not val_idx:
+        raise InputError(f"clean data of {len(data)} samples is too small to carve a {fraction:.0%} validation split")
+    mask = np.ones(len(data), dtype=bool)
+    mask[val_idx] = False
+    return data.subset(np.flatnonzero(mask)), data.subset(np.sort(np.asarray(val_idx)))
+
+
 # ---------------------------------------------------------------------------------------------- head
 def _num_classes_of(model: nn.Module) -> int | None:
     spec = getattr(model, "certkit_spec", None)

@@ -14,7 +14,10 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
+
+from certkit.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,10 @@ class PurifierTags:
     clean_fraction: float = 0.05
     changes: str = "weights"  # "weights", "architecture" (inserted layers), "pruning"
     data_free: bool = False
+    #: the method selects something (a threshold, a stopping point) on a validation split
+    uses_validation: bool = False
+    #: the method needs BatchNorm layers in the model
+    needs_batchnorm: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -36,6 +43,13 @@ class Purifier(ABC):
     #: Registry name, e.g. ``"fst"``.
     name: ClassVar[str] = ""
     tags: ClassVar[PurifierTags] = PurifierTags()
+    #: Tiny budgets for tests and smoke runs (``make(name, **cls.fast_params)``); not a faithful setting.
+    fast_params: ClassVar[dict[str, Any]] = {}
+    #: The fewest clean samples the method can work with (checked before any work).
+    min_clean: ClassVar[int] = 10
+    #: Fraction of the clean data carved off as the validation split when a method that selects on
+    #: validation data is given none.
+    validation_fraction: ClassVar[float] = 0.2
 
     @classmethod
     def _param_names(cls) -> list[str]:
@@ -64,8 +78,27 @@ class Purifier(ABC):
             validation: a validation split carved from the defender's clean data, used for any selection.
             seed: seed of every random choice of the method.
         """
+        from ._common import check_inputs, check_seed, split_validation
+
+        check_inputs(model, clean_data)
+        seed = check_seed(seed)
+        if not self.tags.data_free and len(clean_data) < self.min_clean:
+            raise InputError(f"{self.name} needs at least {self.min_clean} clean samples, got {len(clean_data)}")
+        if self.tags.needs_batchnorm and not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                 for m in model.modules()):
+            raise InputError(f"{self.name} acts on BatchNorm neurons but {type(model).__name__} has no BatchNorm "
+                             "layer; use a model with BatchNorm (e.g. 'digits-bn-cnn' or 'preact-resnet18')")
+        if self.tags.uses_validation and validation is None:
+            clean_data, validation = split_validation(clean_data, self.validation_fraction, seed)
+        elif validation is not None:
+            check_inputs(model, validation)
         work = copy.deepcopy(model)
         purified = self._purify(work, clean_data, validation=validation, seed=seed)
+        bad = [name for name, t in list(purified.named_parameters()) + list(purified.named_buffers())
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise InputError(f"{self.name} produced non-finite weights ({', '.join(bad[:3])}); the input model is "
+                             "unchanged; try a smaller learning rate")
         return purified
 
     @abstractmethod

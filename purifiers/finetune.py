@@ -30,6 +30,7 @@ class FineTuning(Purifier):
 
     name = "ft"
     tags = PurifierTags(needs_labels=True, clean_fraction=0.05, changes="weights")
+    fast_params = dict(epochs=2, batch_size=64)
 
     def __init__(self, epochs: int = 10, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
                  batch_size: int = 128, device: str = "auto", progress: bool = False) -> None:

@@ -62,6 +62,7 @@ class FeatureShiftTuning(Purifier):
 
     name = "fst"
     tags = PurifierTags(needs_labels=True, clean_fraction=0.02, changes="weights")
+    fast_params = dict(epochs=2, batch_size=64)
 
     def __init__(self, alpha: float = 0.2, epochs: int = 10, lr: float = 0.01, momentum: float = 0.9,
                  batch_size: int = 128, device: str = "auto", progress: bool = False) -> None:

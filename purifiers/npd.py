@@ -128,6 +128,7 @@ class NeuralPolarizerDefense(Purifier):
 
     name = "npd"
     tags = PurifierTags(needs_labels=True, clean_fraction=0.05, changes="architecture")
+    fast_params = dict(epochs=1, warm_epochs=1, batch_size=64)
 
     def __init__(self, epochs: int = 50, warm_epochs: int = 5, lr: float = 0.01, warm_lr: float = 1e-4,
                  batch_size: int = 128, bound: float | None = None, step_size: float = 0.1, pgd_steps: int = 2,

@@ -31,4 +31,17 @@ def make(name: str, **params: Any) -> Purifier:
     if name not in _REGISTRY:
         names = ", ".join(sorted(_REGISTRY)) or "none registered yet"
         raise UnknownNameError(f"unknown purifier {name!r}; available: {names}")
-    return _REGISTRY[name](**params)
+    cls = _REGISTRY[name]
+    valid = cls._param_names()
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise UnknownNameError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for purifier {name!r}; "
+                               f"valid: {', '.join(valid)}")
+    return cls(**params)
+
+
+def fast_params(name: str) -> dict[str, Any]:
+    """The tiny budget of purifier ``name`` used by tests and smoke runs (a copy)."""
+    if name not in _REGISTRY:
+        raise UnknownNameError(f"unknown purifier {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return dict(_REGISTRY[name].fast_params)

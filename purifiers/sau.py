@@ -87,6 +87,7 @@ class SharedAdversarialUnlearning(Purifier):
 
     name = "sau"
     tags = PurifierTags(needs_labels=True, clean_fraction=0.05, changes="weights")
+    fast_params = dict(epochs=1, batch_size=64, pgd_steps=2)
 
     def __init__(self, epochs: int = 20, lr: float = 1e-4, batch_size: int = 256, eps: float = 0.2,
                  pgd_steps: int = 5, pgd_step_size: float = 0.2, beta1: float = 0.01, beta2: float = 1.0,

@@ -55,7 +55,8 @@ def test_models_start_with_normalize_and_have_expected_shapes():
         RABMnistCNN(input_size=8)
 
 
-@pytest.mark.parametrize("name, shape", [("digits-cnn", (1, 8, 8)), ("rab-mnist-cnn", (1, 28, 28))])
+@pytest.mark.parametrize("name, shape", [("digits-cnn", (1, 8, 8)), ("rab-mnist-cnn", (1, 28, 28)),
+                                         ("digits-bn-cnn", (1, 8, 8)), ("preact-resnet18", (1, 8, 8))])
 def test_spec_round_trip_rebuilds_the_same_architecture(name, shape):
     torch.manual_seed(0)
     model = build_model(name, num_classes=10, input_shape=shape, mean=(0.3,), std=(0.4,))
@@ -73,7 +74,7 @@ def test_build_model_defaults_and_errors():
     m = build_model("digits-cnn", num_classes=3, input_shape=(3, 12, 12))
     assert m.certkit_spec["kwargs"]["mean"] == [0.0, 0.0, 0.0] and m.certkit_spec["kwargs"]["std"] == [1.0] * 3
     assert m(torch.rand(2, 3, 12, 12)).shape == (2, 3)
-    assert set(MODELS) == {"digits-cnn", "rab-mnist-cnn"}
+    assert set(MODELS) == {"digits-cnn", "digits-bn-cnn", "rab-mnist-cnn", "preact-resnet18"}
     with pytest.raises(UnknownNameError, match="'digits-cnn'"):
         build_model("resnet1000", num_classes=10, input_shape=(1, 8, 8))
     with pytest.raises(InputError, match=r"\(C, H, W\)"):
@@ -128,3 +129,34 @@ def test_digits_cnn_reaches_95_percent_quickly():
     train_model(model, d.train, epochs=10, lr=3e-3, batch_size=64, progress=False, device="cpu")
     acc = float((predict_labels(model, d.test.x, device="cpu") == d.test.y).float().mean())
     assert acc >= 0.95
+
+
+def test_bn_digits_cnn_and_preact_resnet18_shapes_and_structure():
+    from certkit.models import DigitsBNCNN, PreActBlock, PreActResNet18
+
+    d = DigitsBNCNN(num_classes=10)
+    assert isinstance(next(d.children()), Normalize)
+    assert d(torch.rand(4, 1, 8, 8)).shape == (4, 10)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in d.modules()) == 3
+    torch.manual_seed(0)
+    r = PreActResNet18(num_classes=10, in_channels=1, mean=(0.5,), std=(0.25,), input_size=8)
+    assert isinstance(next(r.children()), Normalize)
+    assert r(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    blocks = [m for m in r.modules() if isinstance(m, PreActBlock)]
+    assert len(blocks) == 8
+    assert sum(b.shortcut is not None for b in blocks) == 3  # the three stride-2 stage entries
+    # 11.17M parameters for 3-channel CIFAR inputs, as the standard PreAct-ResNet18
+    c = PreActResNet18(num_classes=10)
+    assert sum(p.numel() for p in c.parameters()) == 11_171_146
+    assert c(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(InputError, match="at least 8x8"):
+        PreActResNet18(input_size=4)
+
+
+def test_preact_block_is_identity_plus_residual():
+    from certkit.models import PreActBlock
+
+    b = PreActBlock(8, 8, 1)
+    nn.init.zeros_(b.conv2.weight)  # residual branch off: the block is the identity
+    x = torch.randn(2, 8, 4, 4)
+    assert torch.allclose(b.eval()(x), x)

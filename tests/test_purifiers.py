@@ -204,3 +204,13 @@ def test_report_der_and_frame(setup, fst_result):
     assert same.der == 0.5 and same.runtime_s == 1.5
     with pytest.raises(InputError, match="triggered"):
         purifiers.evaluate(setup["model"], setup["model"], setup["test"], setup["test"])
+
+
+def test_evaluate_accepts_an_attack_and_target(setup, ft_result):
+    from certkit.attacks import BadNets
+
+    _, purified, report = ft_result
+    again = purifiers.evaluate(setup["model"], purified, setup["test"], BadNets(), TARGET, device="cpu")
+    assert again.asr_after == report.asr_after and again.ca_after == report.ca_after
+    with pytest.raises(InputError, match="target class is required"):
+        purifiers.evaluate(setup["model"], purified, setup["test"], BadNets(), device="cpu")
