@@ -108,3 +108,19 @@ def test_diverging_loss_raises_clear_error():
     with pytest.raises(InputError, match="diverged.*smaller lr"):
         train_model(model, data, epochs=1, progress=False, device="cpu")
     assert not model.training
+
+
+def test_noise_finetune_returns_a_tuned_copy_and_keeps_the_input():
+    from certkit.training import noise_finetune
+
+    splits = load_digits()
+    torch.manual_seed(0)
+    model = build_model("digits-cnn", num_classes=10, input_shape=(1, 8, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tuned = noise_finetune(model, splits.train.subset(range(200)), sigma=0.25, epochs=1, seed=0, device="cpu",
+                           progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in tuned.state_dict().items())
+    assert tuned.certkit_spec == model.certkit_spec
+    with pytest.raises(InputError, match="sigma"):
+        noise_finetune(model, splits.train, sigma=0.0)
