@@ -28,17 +28,29 @@ def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.fixture(scope="session")
-def backdoored_digits() -> dict:
-    """BadNets (10%, target 0) DigitsCNN trained 15 epochs, the clean slice, the test and triggered sets."""
+def _backdoored(arch: str) -> dict:
     splits = load_digits()
     attack = BadNets()
     poisoned = attack.poison(splits.train, 0.1, target=PURIFY_TARGET, seed=0)
     torch.manual_seed(0)
-    model = build_model("digits-cnn", num_classes=10, input_shape=splits.input_shape, mean=splits.mean,
+    model = build_model(arch, num_classes=10, input_shape=splits.input_shape, mean=splits.mean,
                         std=splits.std)
     train_model(model, poisoned.dataset, epochs=15, lr=1e-3, seed=0, progress=False, device="cpu")
     rng = np.random.default_rng(0)
     idx = rng.permutation(len(splits.train))[: int(PURIFY_CLEAN_FRACTION * len(splits.train))]
     return {"model": model, "clean": splits.train.subset(idx), "test": splits.test,
-            "triggered": triggered_test_set(attack, splits.test, PURIFY_TARGET)}
+            "triggered": triggered_test_set(attack, splits.test, PURIFY_TARGET), "attack": attack,
+            "poisoned": poisoned.dataset}
+
+
+@pytest.fixture(scope="session")
+def backdoored_digits() -> dict:
+    """BadNets (10%, target 0) DigitsCNN trained 15 epochs: keys model, clean (20% of the training set),
+    test, triggered (non-target test inputs with the trigger), attack, poisoned (the poisoned training set)."""
+    return _backdoored("digits-cnn")
+
+
+@pytest.fixture(scope="session")
+def backdoored_digits_bn() -> dict:
+    """As :func:`backdoored_digits` with the BatchNorm digits CNN (for BN-based methods: ANP, RNP, CLP)."""
+    return _backdoored("digits-bn-cnn")
