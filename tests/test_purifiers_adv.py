@@ -17,7 +17,7 @@ from purifiers.npd import NeuralPolarizer, Polarized, find_insertion_point
 
 TARGET = 0
 CLEAN_FRACTION = 0.2  # same defender split as tests/test_purifiers.py (251 clean training images)
-# Short CPU budgets for the test (defaults: SAU 20 epochs at Adam 1e-4, batch 256; NPD 5 + 50 epochs).
+# Short CPU budgets for the test (defaults: SAU 100 epochs at Adam 1e-4, batch 256; NPD 5 + 50 epochs).
 # SAU: official PGD (eps 0.2, 5 steps of 0.2); with 251 images lr 1e-4 and 1 batch/epoch barely moves the
 # model, so Adam lr 3e-3 at batch 32 (8 steps/epoch) for 20 epochs. (lr 1e-3 x 20 epochs: ASR 0.41-0.65.)
 SAU_PARAMS = dict(epochs=20, lr=3e-3, batch_size=32, device="cpu")
