@@ -1,4 +1,4 @@
-"""Command line interface: ``certkit demo | train | certify | report``.
+"""Command line interface: ``certkit demo | train | certify | purify | compare | report``.
 
 A thin layer over :mod:`certkit.experiments`: it parses arguments, calls the library and prints. Bad input
 (a :class:`~certkit.errors.CertkitError`) becomes a one-line ``certkit: error: ...`` message and exit code 2.
@@ -64,6 +64,15 @@ def _add_certify_flags(p: argparse.ArgumentParser, *, n_default: int) -> None:
                    help="failure probability of each certificate, in (0, 1) (default: 0.001)")
     p.add_argument("--max-points", type=int, default=None,
                    help="certify a fixed-seed subsample of this many test points (default: all)")
+
+
+def _purifier_names() -> str:
+    try:
+        import purifiers
+
+        return ", ".join(purifiers.available())
+    except ImportError:  # pragma: no cover
+        return "(purifiers package not importable)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +152,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_certify_flags(cert, n_default=10_000)
     _add_common(cert)
 
+    pur = sub.add_parser("purify", help="purify a run's backdoored model with an empirical defense",
+                         description="Load the run's undefended (backdoored, sigma-0) model, purify it with a "
+                         "registered method on clean data drawn from the clean training set (never test data, "
+                         "never poisoned samples), evaluate CA/ASR/RA before and after and DER on the test split, "
+                         "and save it as model 'purified-METHOD' (certify it with `certkit certify RUN --model "
+                         "purified-METHOD --sigma S`) with its report in purify/METHOD.json.",
+                         epilog="Methods: " + _purifier_names())
+    pur.add_argument("run_dir", help="single-model run directory made by `certkit train` or `certkit demo`")
+    pur.add_argument("--method", required=True, help="purification method (see the list below)")
+    pur.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                     help="method parameter (repeatable); VALUE is parsed as JSON when possible (3, 0.1, true, "
+                     "null), else kept as a string (default: the paper's / official defaults)")
+    pur.add_argument("--clean-fraction", type=_positive_float, default=None,
+                     help="defender's clean data as a fraction of the training set, in (0, 1] (default: the "
+                     "method's own fraction, raised to 0.2 when that leaves < 20 images per class, e.g. on digits)")
+    pur.add_argument("--fast", action="store_true",
+                     help="use the method's tiny smoke-test budget (fast_params) under the given --param values")
+    pur.add_argument("--noise-finetune", type=int, default=0, metavar="EPOCHS",
+                     help="also save 'purified-METHOD-noise': the purified model fine-tuned for EPOCHS with "
+                     "Gaussian noise at --noise-sigma on the same clean data (default: 0, none)")
+    pur.add_argument("--noise-sigma", type=_positive_float, default=0.25,
+                     help="noise std of the fine-tune, pixel units (default: 0.25)")
+    pur.add_argument("--seed", type=int, default=0, help="seed of the clean draw, the method and the fine-tune (default: 0)")
+    _add_common(pur)
+
     ens = sub.add_parser("ensemble", help="training-time smoothing (RAB ensembles): train, certify",
                          description="Mode B: an ensemble of models trained on noised (possibly poisoned) data.")
     ens_sub = ens.add_subparsers(dest="ensemble_command", metavar="ACTION", parser_class=_Parser)
@@ -190,6 +224,39 @@ def build_parser() -> argparse.ArgumentParser:
     ecert.add_argument("--batch-size", type=int, default=1024, help="inputs per forward pass (default: 1024)")
     _add_common(ecert)
 
+    cmp_ = sub.add_parser("compare", help="empirical vs certified robustness: attacks x defenses -> table, plots",
+                          description="Run every attack x defense cell (the undefended model, each purifier with "
+                          "test-time smoothing of the purified model, the RAB and Cert-SSB ensembles) into one "
+                          "comparison directory: table.csv, table.md, plots/. Resumable: finished cells are kept. "
+                          "Start from --preset or --spec FILE (YAML or JSON, keys of certkit.compare.CompareSpec); "
+                          "the flags below override single settings.")
+    cmp_.add_argument("--preset", choices=["digits"], default=None,
+                      help="a default grid: digits = BadNets and Blended at 10%%, all 13 purifiers, RAB, Cert-SSB")
+    cmp_.add_argument("--spec", default=None, help="spec file (.yaml/.yml or .json); unknown keys are an error")
+    cmp_.add_argument("--out", default=None, help="comparison directory (default: runs/compare-<preset> or "
+                      "runs/compare); a directory made from another spec is refused")
+    cmp_.add_argument("--dataset", default=None, help="digits | mnist | cifar10 | gtsrb | npz:PATH | folder:PATH")
+    cmp_.add_argument("--model", default=None, help="architecture of the backdoored model (default: digits-bn-cnn)")
+    cmp_.add_argument("--attacks", nargs="+", default=None, help="attack names (default: badnets)")
+    cmp_.add_argument("--poison-rates", type=_positive_float, nargs="+", default=None,
+                      help="poison rates (default: 0.1)")
+    cmp_.add_argument("--defenses", nargs="+", default=None,
+                      help="undefended, purifier names, rab, cert-ssb (default: all)")
+    cmp_.add_argument("--sigma", type=_positive_float, default=None, help="smoothing noise (default: 0.25)")
+    cmp_.add_argument("--epochs", type=int, default=None, help="training epochs of the backdoored model (default: 30)")
+    cmp_.add_argument("--members", type=int, default=None, help="ensemble members of rab/cert-ssb (default: 10)")
+    cmp_.add_argument("--n0", type=int, default=None, help="selection draws per point (default: 100)")
+    cmp_.add_argument("--n", type=int, default=None, help="estimation draws per point (default: 1000)")
+    cmp_.add_argument("--alpha", type=float, default=None, help="failure probability per certificate (default: 0.001)")
+    cmp_.add_argument("--max-points", type=int, default=None, help="certify a fixed-seed test subsample (default: all)")
+    cmp_.add_argument("--reactivation", action="store_true",
+                      help="also report the ASR after fine-tuning each purified model on 5 poisoned samples, 5 epochs")
+    cmp_.add_argument("--seed", type=int, default=None, help="seed (default: 0)")
+    cmp_.add_argument("--n-jobs", type=int, default=1, help="cells run in parallel with joblib (default: 1)")
+    cmp_.add_argument("--scheduler", default=None,
+                      help="run the cells on Dask: tcp://HOST:PORT or local-cluster (a LocalCluster of --n-jobs workers)")
+    _add_common(cmp_)
+
     rep = sub.add_parser("report", help="verify a run directory, redraw its plots and print its table")
     rep.add_argument("run_dir", help="run directory")
     rep.add_argument("--json", action="store_true", help="print summary.json instead of the table")
@@ -210,6 +277,9 @@ def _certify_pairs(run, models: Sequence[str] | None, sigmas: Sequence[float] | 
         raise InputError("no noise-trained model in this run: pass --model NAME and --sigma S")
     if sigmas:
         return tuple((m, float(s)) for m in names for s in sigmas)
+    from .purify_runs import purified_noise_sigmas
+
+    trained = {**purified_noise_sigmas(run), **trained}  # noise-fine-tuned purified models: their noise sigma
     missing = [m for m in names if trained.get(m, 0) <= 0]
     if missing:
         raise InputError(f"model(s) {', '.join(missing)} were trained without noise: pass --sigma")
@@ -301,6 +371,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         print()
         print(ex.report(run.path, replot=False))
         return 0
+    if args.command == "purify":
+        from .purify_runs import PurifyConfig, parse_params, purify_run
+
+        cfg = PurifyConfig(method=args.method, params=parse_params(args.param), clean_fraction=args.clean_fraction,
+                           fast=args.fast, noise_finetune_epochs=args.noise_finetune, noise_sigma=args.noise_sigma,
+                           seed=args.seed)
+        run = RunDirectory.open(args.run_dir)
+        purify_run(run, cfg, device=args.device, progress=progress)
+        print()
+        print(ex.report(run.path, replot=False))
+        print(f"\nrun directory: {run.path}  (models/{cfg.model_name}.pt, purify/{args.method}.json)")
+        return 0
+    if args.command == "compare":
+        return _dispatch_compare(args, progress)
     if args.command == "ensemble":
         return _dispatch_ensemble(args, progress)
     if args.command == "report":
@@ -311,6 +395,30 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(ex.report(args.run_dir))
         return 0
     raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
+
+
+def _dispatch_compare(args: argparse.Namespace, progress: bool) -> int:
+    from .compare import CompareSpec, preset, run_compare
+
+    if args.preset and args.spec:
+        print("certkit: error: give --preset or --spec, not both", file=sys.stderr)
+        return 2
+    base = (preset(args.preset) if args.preset else CompareSpec.from_file(args.spec) if args.spec
+            else CompareSpec()).to_dict()
+    flags = {"dataset": args.dataset, "model": args.model, "attacks": args.attacks, "poison_rates": args.poison_rates,
+             "defenses": args.defenses, "sigma": args.sigma, "epochs": args.epochs, "ensemble_members": args.members,
+             "n0": args.n0, "n": args.n, "alpha": args.alpha, "max_points": args.max_points, "seed": args.seed}
+    base.update({k: v for k, v in flags.items() if v is not None})
+    if args.reactivation:
+        base["reactivation"] = True
+    spec = CompareSpec.from_dict(base)
+    out = args.out or (f"runs/compare-{args.preset}" if args.preset else "runs/compare")
+    res = run_compare(spec, out, n_jobs=args.n_jobs, scheduler=args.scheduler, device=args.device, progress=progress)
+    print()
+    print((res.path / "table.md").read_text())
+    print(f"comparison directory: {res.path}  (table.csv, table.md, cells/, plots/; {res.computed} cell(s) run, "
+          f"{res.reused} kept)")
+    return 0
 
 
 def _dispatch_ensemble(args: argparse.Namespace, progress: bool) -> int:

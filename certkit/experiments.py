@@ -254,8 +254,9 @@ def certify_run(run: RunDirectory, cfg: CertifyConfig, *, device: str = "auto", 
     rows: list[dict[str, Any]] = []
     frames: list[pd.DataFrame] = []
     clean_results: list[CertificationResult] = []
+    named_results: list[tuple[str, CertificationResult]] = []
     for model_name, sigma in cfg.pairs:
-        model = run.load_model(model_name, device="cpu")
+        model = run.load_model(model_name, builder=_build_saved_model, device="cpu")
         _check_compatible(run.model_spec(model_name), exp.splits, model_name)
         base = {"model": model_name, "model_sha256": run.manifest["models"][model_name]["sha256"],
                 "sigma": sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "seed": cfg.seed,
@@ -294,6 +295,8 @@ def certify_run(run: RunDirectory, cfg: CertifyConfig, *, device: str = "auto", 
             run.record_timing(f"certify/{model_name}/sigma-{sigma:g}/{mode}", time.perf_counter() - t0)
             clean.meta["name"] = label
             clean_results.append(clean)
+            if mode == "fixed":
+                named_results.append((model_name, clean))
             rows.append(_summary_row(model_name, sigma, mode, clean, triggered, deployed_trig, train_cfg.target,
                                      cfg, storage_counts))
             r = rows[-1]
@@ -318,7 +321,17 @@ def certify_run(run: RunDirectory, cfg: CertifyConfig, *, device: str = "auto", 
     if clean_results:
         norms = trig.trigger_norms.double()
         write_plots(run, clean_results, float(norms.median()) if len(norms) else None)
+        from .purify_runs import write_purified_plot
+
+        write_purified_plot(run, named_results, float(norms.median()) if len(norms) else None)
     return rows
+
+
+def _build_saved_model(spec: dict[str, Any]) -> Any:
+    """Builder for :meth:`RunDirectory.load_model` that also rebuilds purified models with inserted layers."""
+    from .purify_runs import build_model_from_spec
+
+    return build_model_from_spec(spec)
 
 
 def _summary_row(model_name: str, sigma: float, mode: str, clean: CertificationResult,
@@ -414,12 +427,13 @@ def report_table(summary: dict[str, Any]) -> str:
     if cert:
         radii = list(cert[0]["certified_accuracy"].keys())
         lines.append("")
-        head = f"{'model':<16}{'sigma':>7}" + "".join(f"{'CA@' + r:>9}" for r in radii)
+        w = max([16] + [len(r["model"]) + 2 for r in cert])
+        head = f"{'model':<{w}}{'sigma':>7}" + "".join(f"{'CA@' + r:>9}" for r in radii)
         head += f"{'ACR':>8}{'abstain':>9}{'CTR':>7}{'ASR<=':>7}{'sm.ASR':>8}"
         lines.append(head)
         for row in cert:
             name = row["model"] + ("*" if row.get("sigma_mode", "fixed") != "fixed" else "")
-            line = f"{name:<16}{row['sigma']:>7g}"
+            line = f"{name:<{w}}{row['sigma']:>7g}"
             line += "".join(f"{row['certified_accuracy'][r]:>9.3f}" for r in radii)
             bound = row.get("certified_asr_upper_bound")
             line += (f"{row['acr']:>8.3f}{row['abstain_rate']:>9.3f}{row['certified_trigger_robustness']:>7.3f}"
@@ -434,6 +448,10 @@ def report_table(summary: dict[str, Any]) -> str:
                          "certification; store counts: " + "; ".join(
                              f"{r['model']}@{r['sigma']:g}: mean sigma {r['sigma_mean']:.3f}, "
                              + ", ".join(f"{k[2:]} {v}" for k, v in (r.get("storage") or {}).items()) for r in ssb))
+    if summary.get("purified"):
+        from .purify_runs import purified_table
+
+        lines.extend(["", purified_table(summary)])
     return "\n".join(lines)
 
 
@@ -457,6 +475,7 @@ def report(run_dir: str | Path, *, replot: bool = True) -> str:
         results = []
         trig_rows = frame[frame["set"] == "triggered"]
         norm = float(trig_rows["trigger_norm"].median()) if len(trig_rows) else None
+        named = []
         for row in summary["certified"]:
             mode = row.get("sigma_mode", "fixed")
             sel = frame[(frame["model"] == row["model"]) & (frame["set"] == "clean")
@@ -464,7 +483,12 @@ def report(run_dir: str | Path, *, replot: bool = True) -> str:
                         & ((frame["sigma_mode"] == mode) if "sigma_mode" in frame else True)]
             suffix = "" if mode == "fixed" else " (sample-specific)"
             results.append(CertificationResult.from_frame(sel, meta={"name": f"{row['model']}, sigma={row['sigma']:g}{suffix}"}))
+            if mode == "fixed":
+                named.append((row["model"], results[-1]))
         write_plots(run, results, norm)
+        from .purify_runs import write_purified_plot
+
+        write_purified_plot(run, named, norm)
     return report_table(summary)
 
 

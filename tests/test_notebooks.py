@@ -12,7 +12,9 @@ NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 
 
 def test_there_are_notebooks():
-    assert any(p.name == "01_certified_accuracy_curves.ipynb" for p in NOTEBOOKS)
+    names = {p.name for p in NOTEBOOKS}
+    assert {"01_certified_accuracy_curves.ipynb", "04_certify_purified_models.ipynb",
+            "05_empirical_vs_certified.ipynb"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -25,3 +27,5 @@ def test_notebook_executes(path, monkeypatch, tmp_path):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "undefended: CA" in text or path.name != "01_certified_accuracy_curves.ipynb"
+    assert "purified-fst-noise" in text or path.name != "04_certify_purified_models.ipynb"
+    assert "cells, " in text or path.name != "05_empirical_vs_certified.ipynb"
