@@ -149,6 +149,9 @@ def test_preset_lists_all_thirteen_purifiers_with_capped_budgets():
     assert set(purifiers.available()) <= set(PURIFIERS)  # every registered method is in the grid
     if "sau" in purifiers.available():
         assert purifier_budget(spec, "sau")["epochs"] == 10  # official 100, capped for digits
+    assert set(spec.purifier_params) == set(PURIFIERS) and spec.reactivation
+    for name in PURIFIERS:  # every preset setting is a real parameter of a registered method
+        purifiers.make(name, **purifier_budget(spec, name))
     with pytest.raises(InputError, match="unknown preset"):
         preset("cifar")
 
