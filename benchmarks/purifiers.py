@@ -4,12 +4,13 @@ For each attack, a ``digits-bn-cnn`` (BatchNorm, so BN-based methods run too) is
 digits training set (10% poisoned, target 0; the run's TrainConfig defaults otherwise). The defender gets
 20% of the training set (251 images, ~25 per class), drawn with a fixed seed among the *unpoisoned* training
 samples, exactly as ``certkit purify`` draws it. Every method in ``purifiers.available()`` (so methods added
-later are included) runs at its documented default budget (``--fast``: its ``fast_params`` smoke budget),
+later are included) runs at its documented default budget (``--budget digits``: the digits-scale settings
+of ``certkit compare --preset digits``; ``--fast``: its ``fast_params`` smoke budget),
 seed 0, on the CPU; methods that select on a validation split get one carved from the defender's data.
 Reported on the digits test split: CA / ASR / RA before -> after, DER and the purification wall time.
 
-The table is printed and written as Markdown to ``benchmarks/purifiers_results.md`` (``--fast``:
-``benchmarks/purifiers_results_fast.md``; ``--out`` to change).
+The table is printed and written as Markdown to ``benchmarks/purifiers_results.md`` (``--budget digits``:
+``purifiers_results_digits.md``; ``--fast``: ``purifiers_results_fast.md``; ``--out`` to change).
 
 Run: ``.venv/bin/python benchmarks/purifiers.py`` (full; minutes to an hour on 2 CPU cores) or
 ``.venv/bin/python benchmarks/purifiers.py --fast`` (smoke run, about a minute).
@@ -57,7 +58,19 @@ def _backdoored(attack: str, epochs: int, seed: int):
     return model.eval(), exp, clean
 
 
-def run(methods: list[str], *, fast: bool, epochs: int, seed: int) -> list[dict]:
+def _params(name: str, budget: str) -> dict:
+    """The parameters of one method under a budget: ``default`` (the documented official defaults), ``digits``
+    (the digits-scale settings of ``certkit compare --preset digits``) or ``fast`` (smoke run)."""
+    if budget == "fast":
+        return purifiers.fast_params(name)
+    if budget == "digits":
+        from certkit.compare import preset, purifier_budget
+
+        return purifier_budget(preset("digits"), name)
+    return {}
+
+
+def run(methods: list[str], *, budget: str, epochs: int, seed: int) -> list[dict]:
     rows: list[dict] = []
     for attack in ATTACKS:
         t0 = time.perf_counter()
@@ -65,7 +78,7 @@ def run(methods: list[str], *, fast: bool, epochs: int, seed: int) -> list[dict]
         print(f"[{attack}] backdoored digits-bn-cnn trained in {time.perf_counter() - t0:.1f} s; "
               f"defender: {len(clean)} clean images", flush=True)
         for name in methods:
-            params = purifiers.fast_params(name) if fast else {}
+            params = _params(name, budget)
             purifier = purifiers.make(name, **params, device="cpu")
             fit, val = clean, None
             if type(purifier).tags.uses_validation:
@@ -94,9 +107,13 @@ def _line(r: dict) -> str:
             f"DER {r['der']:.3f}  {r['runtime_s']:.1f} s")
 
 
-def markdown(rows: list[dict], *, fast: bool, epochs: int, seed: int, wall: float) -> str:
+_BUDGET_WORDS = {"fast": "fast smoke budgets (fast_params)", "default": "official default budgets",
+                 "digits": "digits-scale settings of the compare preset (certkit.compare.PRESET_PURIFIER_PARAMS)"}
+
+
+def markdown(rows: list[dict], *, budget: str, epochs: int, seed: int, wall: float) -> str:
     lines = [
-        f"Purifiers on digits ({'fast smoke budgets (fast_params)' if fast else 'default budgets'}), "
+        f"Purifiers on digits ({_BUDGET_WORDS[budget]}), "
         f"digits-bn-cnn trained {epochs} epochs on 10% poisoned data (target 0), defender data "
         f"{CLEAN_FRACTION:.0%} of the training set (unpoisoned), seed {seed}; {platform.machine()} CPU, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}; total {wall:.0f} s.",
@@ -116,7 +133,10 @@ def markdown(rows: list[dict], *, fast: bool, epochs: int, seed: int, wall: floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fast", action="store_true", help="each method's fast_params smoke budget, 10 training epochs")
+    ap.add_argument("--fast", action="store_true", help="each method's fast_params smoke budget, 10 training epochs "
+                    "(same as --budget fast)")
+    ap.add_argument("--budget", choices=("default", "digits", "fast"), default="default",
+                    help="default: official defaults; digits: the compare preset's digits-scale settings")
     ap.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all registered)")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs of the backdoored model "
                     "(default: 30, or 10 with --fast)")
@@ -129,11 +149,13 @@ def main() -> None:
     unknown = sorted(set(methods) - set(purifiers.available()))
     if unknown:
         ap.error(f"unknown method(s) {unknown}; available: {', '.join(purifiers.available())}")
-    epochs = args.epochs or (10 if args.fast else 30)
+    budget = "fast" if args.fast else args.budget
+    epochs = args.epochs or (10 if budget == "fast" else 30)
     t0 = time.perf_counter()
-    rows = run(methods, fast=args.fast, epochs=epochs, seed=args.seed)
-    text = markdown(rows, fast=args.fast, epochs=epochs, seed=args.seed, wall=time.perf_counter() - t0)
-    out = Path(args.out) if args.out else HERE / ("purifiers_results_fast.md" if args.fast else "purifiers_results.md")
+    rows = run(methods, budget=budget, epochs=epochs, seed=args.seed)
+    text = markdown(rows, budget=budget, epochs=epochs, seed=args.seed, wall=time.perf_counter() - t0)
+    suffix = {"default": "", "digits": "_digits", "fast": "_fast"}[budget]
+    out = Path(args.out) if args.out else HERE / f"purifiers_results{suffix}.md"
     out.write_text(text)
     print()
     print(text)

@@ -360,7 +360,8 @@ def preset(name: str) -> CompareSpec:
     """A named default grid. ``digits``: BadNets and Blended at 10% on the embedded digits with the BatchNorm
     digits CNN, the undefended model, all thirteen purifiers (budgets capped by :data:`PRESET_BUDGET_CAPS`),
     RAB and Cert-SSB ensembles of 20 members trained 5 epochs each (with M votes a point certifies at most
-    ``p_lower = alpha ** (1 / M)``: 20 members allow radius ~0.55 sigma), sigma 0.25, n = 1000 noise draws on
+    ``p_lower = (alpha / K) ** (1 / M)`` with the class-selection correction: 20 members and 10 classes allow
+    radius ~0.34 sigma), sigma 0.25, n = 1000 noise draws on
     the whole test set. Purifier settings: :data:`PRESET_PURIFIER_PARAMS` (digits-scale batches and step
     sizes; I-BAU perturbs the whole batch instead of the official 1%, which on 64-image batches is no image)
     over the capped official defaults; the re-activation check is on."""
