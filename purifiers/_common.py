@@ -63,6 +63,13 @@ def check_inputs(model: Any, clean_data: Any) -> None:
         raise InputError("clean_data is empty: the purifier needs some clean labelled data")
 
 
+def check_num_classes(model: nn.Module, data: ArrayDataset) -> None:
+    """The model's recorded number of classes (``certkit_spec``), if any, matches ``data.num_classes``."""
+    k = _num_classes_of(model)
+    if k is not None and k != data.num_classes:
+        raise InputError(f"model has {k} classes but clean_data has num_classes={data.num_classes}")
+
+
 def split_validation(data: ArrayDataset, fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
     """Carve a stratified validation split of ``fraction`` off the defender's clean data.
 

@@ -17,10 +17,10 @@ from certkit.errors import InputError
 
 from ._common import (
     _model_device,
-    _num_classes_of,
     check_device,
     check_float,
     check_inputs,
+    check_num_classes,
     check_positive_int,
     check_seed,
 )
@@ -131,9 +131,7 @@ class FineTuningSAM(Purifier):
         p = self._validate()
         check_inputs(model, clean_data)
         seed = check_seed(seed)
-        k = _num_classes_of(model)
-        if k is not None and k != clean_data.num_classes:
-            raise InputError(f"model has {k} classes but clean_data has num_classes={clean_data.num_classes}")
+        check_num_classes(model, clean_data)
         params = [q for q in model.parameters() if q.requires_grad]
         if not params:
             raise InputError("model has no trainable parameters")

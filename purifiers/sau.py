@@ -20,10 +20,10 @@ from certkit.errors import InputError
 
 from ._common import (
     _model_device,
-    _num_classes_of,
     check_device,
     check_float,
     check_inputs,
+    check_num_classes,
     check_positive_int,
     check_seed,
 )
@@ -162,9 +162,7 @@ class SharedAdversarialUnlearning(Purifier):
         check_inputs(model, clean_data)
         seed = check_seed(seed)
         if clean_data.num_classes is not None:
-            k = _num_classes_of(model)
-            if k is not None and k != clean_data.num_classes:
-                raise InputError(f"model has {k} classes but clean_data has num_classes={clean_data.num_classes}")
+            check_num_classes(model, clean_data)
         dev, home = p["device"], _model_device(model)
         ref = copy.deepcopy(model).to(dev).eval()
         for q in ref.parameters():

@@ -23,10 +23,10 @@ from certkit.errors import InputError
 
 from ._common import (
     _model_device,
-    _num_classes_of,
     check_device,
     check_float,
     check_inputs,
+    check_num_classes,
     check_positive_int,
     check_seed,
 )
@@ -339,9 +339,7 @@ class TwoStageBackdoorDefense(Purifier):
         p = self._validate()
         check_inputs(model, clean_data)
         seed = check_seed(seed)
-        k = _num_classes_of(model)
-        if k is not None and k != clean_data.num_classes:
-            raise InputError(f"model has {k} classes but clean_data has num_classes={clean_data.num_classes}")
+        check_num_classes(model, clean_data)
         self.selected_n_: float | None = None
         self.base_val_acc_: float | None = None
         self.unlearn_epochs_: int | None = None
