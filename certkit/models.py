@@ -99,7 +99,8 @@ class DigitsCNN(nn.Module):
     Sized so that smoothing (about 10^3 noisy forwards per point) stays fast on a CPU: ~98% clean accuracy
     on digits, about 3x cheaper than a 32/64/64 variant with the same accuracy.
 
-    Input ``[N, in_channels, H, W]`` in ``[0, 1]``; output logits ``[N, num_classes]``.
+    Input ``[N, in_channels, H, W]`` in ``[0, 1]``; output logits ``[N, num_classes]``. ``batchnorm=True``
+    puts a BatchNorm after every convolution (see :class:`DigitsBNCNN`).
     """
 
     def __init__(
@@ -109,24 +110,24 @@ class DigitsCNN(nn.Module):
         mean: Sequence[float] = (0.0,),
         std: Sequence[float] = (1.0,),
         input_size: int | Sequence[int] = 8,
+        batchnorm: bool = False,
     ) -> None:
         super().__init__()
         num_classes = check_positive_int(num_classes, "num_classes")
         in_channels = check_positive_int(in_channels, "in_channels")
         h, w = _pair(input_size, "input_size")
         if h < 4 or w < 4:
-            raise InputError(f"DigitsCNN needs inputs of at least 4x4, got {h}x{w}")
+            raise InputError(f"{type(self).__name__} needs inputs of at least 4x4, got {h}x{w}")
         m, s = _channel_stats(mean, std, in_channels)
         self.normalize = Normalize(m, s)
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            if batchnorm:
+                return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU()]
+
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
+            *block(in_channels, 16), *block(16, 32), nn.MaxPool2d(2), *block(32, 32), nn.MaxPool2d(2)
         )
         flat = 32 * (h // 4) * (w // 4)
         self.classifier = nn.Sequential(
@@ -177,11 +178,11 @@ class RABMnistCNN(nn.Module):
         return self.classifier(self.features(self.normalize(x)))
 
 
-class DigitsBNCNN(nn.Module):
-    """The digits CNN with BatchNorm after every convolution (conv -> BN -> ReLU), for the purification
-    methods that act on BatchNorm neurons (ANP, RNP, CLP) and for TSC's BN re-estimation:
-    Normalize -> [conv3x3(16) BN ReLU] -> [conv3x3(32) BN ReLU] -> maxpool2 -> [conv3x3(32) BN ReLU]
-    -> maxpool2 -> flatten -> Linear(64) -> ReLU -> Linear(num_classes).
+class DigitsBNCNN(DigitsCNN):
+    """The digits CNN with BatchNorm after every convolution (conv -> BN -> ReLU, convolutions without bias),
+    for the purification methods that act on BatchNorm neurons (ANP, RNP, CLP) and for TSC's BN
+    re-estimation: Normalize -> [conv3x3(16) BN ReLU] -> [conv3x3(32) BN ReLU] -> maxpool2 ->
+    [conv3x3(32) BN ReLU] -> maxpool2 -> flatten -> Linear(64) -> ReLU -> Linear(num_classes).
     """
 
     def __init__(
@@ -192,34 +193,7 @@ class DigitsBNCNN(nn.Module):
         std: Sequence[float] = (1.0,),
         input_size: int | Sequence[int] = 8,
     ) -> None:
-        super().__init__()
-        num_classes = check_positive_int(num_classes, "num_classes")
-        in_channels = check_positive_int(in_channels, "in_channels")
-        h, w = _pair(input_size, "input_size")
-        if h < 4 or w < 4:
-            raise InputError(f"DigitsBNCNN needs inputs of at least 4x4, got {h}x{w}")
-        m, s = _channel_stats(mean, std, in_channels)
-        self.normalize = Normalize(m, s)
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 3, padding=1, bias=False),
-            nn.BatchNorm2d(16),
-            nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1, bias=False),
-            nn.BatchNorm2d(32),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 32, 3, padding=1, bias=False),
-            nn.BatchNorm2d(32),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        flat = 32 * (h // 4) * (w // 4)
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(flat, 64), nn.ReLU(), nn.Linear(64, num_classes)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(self.normalize(x)))
+        super().__init__(num_classes, in_channels, mean, std, input_size, batchnorm=True)
 
 
 class PreActBlock(nn.Module):

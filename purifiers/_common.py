@@ -39,6 +39,20 @@ def check_float(value: Any, name: str, *, minimum: float = 0.0, strict: bool = F
     return v
 
 
+def check_sgd_params(obj: Any) -> dict[str, Any]:
+    """The validated SGD fine-tuning parameters shared by several purifiers: ``epochs``, ``lr``, ``momentum``
+    (in [0, 1)), ``weight_decay``, ``batch_size``, ``device`` and ``progress`` attributes of ``obj``."""
+    return {
+        "epochs": check_positive_int(obj.epochs, "epochs"),
+        "lr": check_float(obj.lr, "lr", strict=True),
+        "momentum": check_float(obj.momentum, "momentum", maximum=1.0 - 1e-12),
+        "weight_decay": check_float(obj.weight_decay, "weight_decay"),
+        "batch_size": check_positive_int(obj.batch_size, "batch_size"),
+        "device": check_device(obj.device),
+        "progress": bool(obj.progress),
+    }
+
+
 def check_seed(seed: Any) -> int:
     """``None`` -> 0 (purification is deterministic by default); else a non-negative integer."""
     if seed is None:

@@ -17,11 +17,10 @@ from certkit.errors import InputError
 
 from ._common import (
     _model_device,
-    check_device,
     check_float,
     check_inputs,
-    check_positive_int,
     check_seed,
+    check_sgd_params,
     find_head,
     sgd_finetune,
 )
@@ -159,13 +158,7 @@ class FinePruning(Purifier):
         return {
             "step": check_float(self.step, "step", strict=True, maximum=1.0),
             "acc_drop": check_float(self.acc_drop, "acc_drop", maximum=1.0 - 1e-12),
-            "epochs": check_positive_int(self.epochs, "epochs"),
-            "lr": check_float(self.lr, "lr", strict=True),
-            "momentum": check_float(self.momentum, "momentum", maximum=1.0 - 1e-12),
-            "weight_decay": check_float(self.weight_decay, "weight_decay"),
-            "batch_size": check_positive_int(self.batch_size, "batch_size"),
-            "device": check_device(self.device),
-            "progress": bool(self.progress),
+            **check_sgd_params(self),
         }
 
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:

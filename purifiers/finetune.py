@@ -6,7 +6,12 @@ from typing import Any
 
 from torch import nn
 
-from ._common import check_device, check_float, check_inputs, check_positive_int, check_seed, sgd_finetune
+from ._common import (
+    check_inputs,
+    check_seed,
+    check_sgd_params,
+    sgd_finetune,
+)
 from .base import Purifier, PurifierTags
 from .registry import register
 
@@ -43,15 +48,7 @@ class FineTuning(Purifier):
         self.progress = progress
 
     def _validate(self) -> dict[str, Any]:
-        return {
-            "epochs": check_positive_int(self.epochs, "epochs"),
-            "lr": check_float(self.lr, "lr", strict=True),
-            "momentum": check_float(self.momentum, "momentum", maximum=1.0 - 1e-12),
-            "weight_decay": check_float(self.weight_decay, "weight_decay"),
-            "batch_size": check_positive_int(self.batch_size, "batch_size"),
-            "device": check_device(self.device),
-            "progress": bool(self.progress),
-        }
+        return check_sgd_params(self)
 
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
