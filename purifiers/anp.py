@@ -22,10 +22,7 @@ from ._common import (
     _model_device,
     check_device,
     check_float,
-    check_inputs,
-    check_num_classes,
     check_positive_int,
-    check_seed,
     split_validation,
 )
 from .base import Purifier, PurifierTags
@@ -207,9 +204,6 @@ class AdversarialNeuronPruning(Purifier):
 
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
-        check_inputs(model, clean_data)
-        seed = check_seed(seed)
-        check_num_classes(model, clean_data)
         bns = batchnorm_layers(model)
         if p["threshold"] == "validation" and validation is None:
             clean_data, validation = split_validation(clean_data, self.validation_fraction, seed)

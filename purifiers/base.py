@@ -78,9 +78,10 @@ class Purifier(ABC):
             validation: a validation split carved from the defender's clean data, used for any selection.
             seed: seed of every random choice of the method.
         """
-        from ._common import check_inputs, check_seed, split_validation
+        from ._common import check_inputs, check_num_classes, check_seed, split_validation
 
         check_inputs(model, clean_data)
+        check_num_classes(model, clean_data)
         seed = check_seed(seed)
         if not self.tags.data_free and len(clean_data) < self.min_clean:
             raise InputError(f"{self.name} needs at least {self.min_clean} clean samples, got {len(clean_data)}")
@@ -103,4 +104,5 @@ class Purifier(ABC):
 
     @abstractmethod
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
-        """Method-specific work on a private copy of the model."""
+        """Method-specific work on a private copy of the model; :meth:`purify` has already checked the model,
+        ``clean_data`` (and ``validation``) and turned ``seed`` into a non-negative int."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from certkit.errors import InputError
 
-from ._common import check_device, check_float, check_seed
+from ._common import check_device, check_float
 from .base import Purifier, PurifierTags
 from .registry import register
 
@@ -138,7 +138,6 @@ class ChannelLipschitzPruning(Purifier):
 
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
-        check_seed(seed)
         model.eval()
         pairs = conv_bn_pairs(model)
         if not pairs:

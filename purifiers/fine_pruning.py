@@ -18,8 +18,6 @@ from certkit.errors import InputError
 from ._common import (
     _model_device,
     check_float,
-    check_inputs,
-    check_seed,
     check_sgd_params,
     find_head,
     sgd_finetune,
@@ -163,9 +161,6 @@ class FinePruning(Purifier):
 
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
-        check_inputs(model, clean_data)
-        check_inputs(model, validation)
-        seed = check_seed(seed)
         _, head = find_head(model, clean_data.num_classes)
         dev, home = p["device"], _model_device(model)
         model.to(dev)

@@ -7,8 +7,6 @@ from typing import Any
 from torch import nn
 
 from ._common import (
-    check_inputs,
-    check_seed,
     check_sgd_params,
     sgd_finetune,
 )
@@ -52,8 +50,6 @@ class FineTuning(Purifier):
 
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
-        check_inputs(model, clean_data)
-        seed = check_seed(seed)
         sgd_finetune(model, clean_data, epochs=p["epochs"], lr=p["lr"], momentum=p["momentum"],
                      weight_decay=p["weight_decay"], batch_size=p["batch_size"], seed=seed, device=p["device"],
                      progress=p["progress"], desc="ft")

@@ -16,9 +16,7 @@ from certkit.errors import InputError
 from ._common import (
     check_device,
     check_float,
-    check_inputs,
     check_positive_int,
-    check_seed,
     find_head,
     reinit_linear_,
     sgd_finetune,
@@ -87,8 +85,6 @@ class FeatureShiftTuning(Purifier):
 
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
-        check_inputs(model, clean_data)
-        seed = check_seed(seed)
         _, head = find_head(model, clean_data.num_classes)
         w0 = head.weight.detach().clone()
         norm0 = w0.norm()

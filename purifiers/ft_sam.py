@@ -18,9 +18,6 @@ from certkit.errors import InputError
 from ._common import (
     _model_device,
     check_float,
-    check_inputs,
-    check_num_classes,
-    check_seed,
     check_sgd_params,
 )
 from .base import Purifier, PurifierTags
@@ -122,9 +119,6 @@ class FineTuningSAM(Purifier):
 
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
-        check_inputs(model, clean_data)
-        seed = check_seed(seed)
-        check_num_classes(model, clean_data)
         params = [q for q in model.parameters() if q.requires_grad]
         if not params:
             raise InputError("model has no trainable parameters")

@@ -23,10 +23,7 @@ from ._common import (
     _model_device,
     check_device,
     check_float,
-    check_inputs,
-    check_num_classes,
     check_positive_int,
-    check_seed,
 )
 from .base import Purifier, PurifierTags
 from .registry import register
@@ -214,9 +211,6 @@ class NeuralAttentionDistillation(Purifier):
 
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
-        check_inputs(model, clean_data)
-        seed = check_seed(seed)
-        check_num_classes(model, clean_data)
         dev, home = p["device"], _model_device(model)
         model.to(dev)
         sites = attention_sites(model, clean_data.x[:2].to(dev), len(p["betas"]))

@@ -22,9 +22,7 @@ from ._common import (
     _num_classes_of,
     check_device,
     check_float,
-    check_inputs,
     check_positive_int,
-    check_seed,
 )
 from .base import Purifier, PurifierTags
 from .registry import register
@@ -193,8 +191,6 @@ class NeuralPolarizerDefense(Purifier):
 
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
-        check_inputs(model, clean_data)
-        seed = check_seed(seed)
         k = _num_classes_of(model)
         if clean_data.num_classes is not None and k is not None and k != clean_data.num_classes:
             raise InputError(f"model has {k} classes but clean_data has num_classes={clean_data.num_classes}")

@@ -22,9 +22,7 @@ from ._common import (
     _num_classes_of,
     check_device,
     check_float,
-    check_inputs,
     check_positive_int,
-    check_seed,
     split_validation,
 )
 from .base import Purifier, PurifierTags
@@ -246,8 +244,6 @@ class ReconstructiveNeuronPruning(Purifier):
 
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
-        check_inputs(model, clean_data)
-        seed = check_seed(seed)
         if not _affine_batchnorms(model):
             raise InputError(f"rnp prunes BatchNorm neurons but {type(model).__name__} has no BatchNorm layer "
                              "with a learnable scale (affine=True)")

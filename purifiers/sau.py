@@ -22,10 +22,7 @@ from ._common import (
     _model_device,
     check_device,
     check_float,
-    check_inputs,
-    check_num_classes,
     check_positive_int,
-    check_seed,
 )
 from .base import Purifier, PurifierTags
 from .registry import register
@@ -159,11 +156,8 @@ class SharedAdversarialUnlearning(Purifier):
     # ------------------------------------------------------------------------------------------ outer
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
-        check_inputs(model, clean_data)
-        seed = check_seed(seed)
         if clean_data.num_classes is not None:
-            check_num_classes(model, clean_data)
-        dev, home = p["device"], _model_device(model)
+            dev, home = p["device"], _model_device(model)
         ref = copy.deepcopy(model).to(dev).eval()
         for q in ref.parameters():
             q.requires_grad_(False)

@@ -25,10 +25,7 @@ from ._common import (
     _model_device,
     check_device,
     check_float,
-    check_inputs,
-    check_num_classes,
     check_positive_int,
-    check_seed,
 )
 from .base import Purifier, PurifierTags
 from .registry import register
@@ -337,9 +334,6 @@ class TwoStageBackdoorDefense(Purifier):
     # ------------------------------------------------------------------------------------------ purify
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
-        check_inputs(model, clean_data)
-        seed = check_seed(seed)
-        check_num_classes(model, clean_data)
         self.selected_n_: float | None = None
         self.base_val_acc_: float | None = None
         self.unlearn_epochs_: int | None = None

@@ -24,9 +24,7 @@ from ._common import (
     _model_device,
     check_device,
     check_float,
-    check_inputs,
     check_positive_int,
-    check_seed,
     find_head,
     sgd_finetune,
 )
@@ -223,8 +221,6 @@ class TwoStageSymmetryConnectivity(Purifier):
 
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
-        check_inputs(model, clean_data)
-        seed = check_seed(seed)
         dev = p["device"]
         home = _model_device(model)
         head_name, _ = find_head(model, clean_data.num_classes)
