@@ -9,7 +9,7 @@ Two workloads (``--workload``):
 
 Measures, in one run and on the same pairs (two-sided):
 
-- ``certkit.bounds.clopper_pearson`` (numba, parallel over pairs, SciPy's compiled Boost inverses), also
+- ``certkit.certify.bounds.clopper_pearson`` (numba, parallel over pairs, SciPy's compiled Boost inverses), also
   restricted to one thread to separate the per-pair cost from the parallel speed-up;
 - ``statsmodels.stats.proportion.proportion_confint(k, n, alpha, method="beta")`` called per point in a
   Python loop, the way certification scripts call it (timed on ``--loop-pairs`` pairs and extrapolated);
@@ -35,7 +35,7 @@ import numpy as np
 from scipy import stats
 from statsmodels.stats.proportion import proportion_confint
 
-from certkit.bounds import clopper_pearson
+from certkit.certify.bounds import clopper_pearson
 
 
 def best_of(fn: Callable[[], tuple[np.ndarray, np.ndarray]], repeat: int) -> tuple[float, tuple]:

@@ -1,6 +1,6 @@
 """Benchmark: training a training-time smoothing ensemble (RAB, Mode B) with joblib, side by side in one run.
 
-1. Speed-up: wall time of :func:`certkit.ensemble_training.train_ensemble` on the same members with
+1. Speed-up: wall time of :func:`certkit.runs.ensemble_train.train_ensemble` on the same members with
    ``n_jobs=2`` against ``n_jobs=1`` (fresh run directories each), measured
    - *cold*: the first ``n_jobs=2`` call of the process, which starts the loky worker processes (each
      imports torch and certkit, loads the data, and pays torch's one-off optimizer set-up);
@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from certkit.data import load_digits
-from certkit.ensemble_training import EnsembleSpec, member_name, train_ensemble
+from certkit.backdoor.data import load_digits
+from certkit.runs.ensemble_train import EnsembleSpec, member_name, train_ensemble
 
 
 def _timed(spec: EnsembleSpec, root: Path, label: str, n_jobs: int) -> tuple[float, object]:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from certkit.ensemble import SmoothedEnsemble, certify_votes
-from certkit.ensemble_training import EnsembleSpec, member_name
-from certkit.models import build_model
-from certkit.records import RunDirectory
+from certkit.backdoor.models import build_model
+from certkit.certify.ensemble import certify_votes
+from certkit.runs.ensemble_train import EnsembleSpec, load_ensemble, member_name
+from certkit.runs.rundir import RunDirectory
 
 
 def make_run(out: Path, members: int, sigma: float = 0.5) -> RunDirectory:
@@ -55,7 +55,7 @@ def raw_forward_rate(batch_size: int, n: int, repeats: int = 3) -> float:
 
 def time_votes(run: RunDirectory, n: int, batch_size: int) -> tuple[float, float]:
     """(seconds for votes, seconds for certification from the votes) on ``n`` random inputs."""
-    ens = SmoothedEnsemble.from_run(run, batch_size=batch_size, device="cpu", progress=False)
+    ens = load_ensemble(run, batch_size=batch_size, device="cpu", progress=False)
     x = torch.rand(n, 1, 8, 8)
     t0 = time.perf_counter()
     votes = ens.votes(x)

@@ -1,6 +1,6 @@
 """Benchmark: sample-specific sigma optimisation (``optimize_sigma``) throughput vs the model's raw throughput.
 
-On digits-cnn and the digits test set (540 inputs), times :func:`certkit.sigma.optimize_sigma` in
+On digits-cnn and the digits test set (540 inputs), times :func:`certkit.certify.sigma.optimize_sigma` in
 ``input-steps per second`` (one input advanced by one SGA step) and compares it with the ceiling: the raw
 throughput of the same model on batches of the same number of rows, on pre-made inputs,
 
@@ -26,10 +26,10 @@ from collections.abc import Callable
 
 import torch
 
-from certkit.data import load_digits
-from certkit.models import build_model
-from certkit.sigma import DEFAULT_STEPS, optimize_sigma
-from certkit.training import train_model
+from certkit.backdoor.data import load_digits
+from certkit.backdoor.models import build_model
+from certkit.backdoor.training import train_model
+from certkit.certify.sigma import DEFAULT_STEPS, optimize_sigma
 
 
 def _ceiling(model: torch.nn.Module, shape: tuple[int, ...], rows: int, reps: int, backward: bool) -> float:

@@ -29,8 +29,8 @@ from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
 
 from certkit import RandomizedSmoothing
-from certkit.data import load_digits
-from certkit.models import build_model
+from certkit.backdoor.data import load_digits
+from certkit.backdoor.models import build_model
 
 
 def _count_arr(arr: np.ndarray, length: int) -> np.ndarray:
@@ -96,7 +96,7 @@ def _ceiling(model: torch.nn.Module, shape: tuple[int, ...], batch_size: int, ro
 def _build(name: str, data) -> tuple[torch.nn.Module, tuple[int, ...], bool]:
     """(model, input shape, upsample to 28x28?) for a benchmark model name."""
     if name == "linear":  # a cheap base model: per-point overheads dominate
-        from certkit.models import Normalize
+        from certkit.backdoor.models import Normalize
 
         model = torch.nn.Sequential(Normalize(data.mean, data.std), torch.nn.Flatten(), torch.nn.Linear(64, 10))
         return model.eval(), (1, 8, 8), False

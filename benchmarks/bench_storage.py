@@ -5,7 +5,7 @@ The reference is written in the style of DDRS's memory-based post-processor
 the points in order; for each new point the l2 distances to *all* stored points with NumPy
 (``sqrt(((S[:K] - x) ** 2).sum(1))``, the store kept in a preallocated array), then align / trim / maximise
 with NumPy masks (with the align-branch re-check that DDRS lacks, so both compute the same thing).
-certkit runs :meth:`certkit.storage.StorageCertifier.certify` end to end (input checks, the dataset
+certkit runs :meth:`certkit.certify.storage.StorageCertifier.certify` end to end (input checks, the dataset
 fingerprint, building the store and the adjusted result included).
 
 Data: ``N`` points uniform in ``[0, 1]^D``, 1 % of them replaced by near-duplicates of other points (at
@@ -36,8 +36,8 @@ import numba
 import numpy as np
 from scipy.stats import norm
 
-from certkit.results import CertificationResult
-from certkit.storage import StorageCertifier
+from certkit.certify.results import CertificationResult
+from certkit.certify.storage import StorageCertifier
 
 
 def make_data(n: int, d: int, seed: int, classes: int = 10) -> tuple[np.ndarray, CertificationResult]:

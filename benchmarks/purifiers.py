@@ -33,10 +33,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import purifiers  # noqa: E402
-from certkit.experiments import TrainConfig, prepare  # noqa: E402
-from certkit.models import build_model  # noqa: E402
-from certkit.purify_runs import draw_clean_indices  # noqa: E402
-from certkit.training import train_model  # noqa: E402
+from certkit.backdoor.models import build_model  # noqa: E402
+from certkit.backdoor.training import train_model  # noqa: E402
+from certkit.runs.purify import draw_clean_indices  # noqa: E402
+from certkit.runs.single import TrainConfig, prepare  # noqa: E402
 from purifiers._common import split_validation  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -64,7 +64,8 @@ def _params(name: str, budget: str) -> dict:
     if budget == "fast":
         return purifiers.fast_params(name)
     if budget == "digits":
-        from certkit.compare import preset, purifier_budget
+        from certkit.runs.compare.grid import purifier_budget
+        from certkit.runs.compare.spec import preset
 
         return purifier_budget(preset("digits"), name)
     return {}
@@ -108,7 +109,7 @@ def _line(r: dict) -> str:
 
 
 _BUDGET_WORDS = {"fast": "fast smoke budgets (fast_params)", "default": "official default budgets",
-                 "digits": "digits-scale settings of the compare preset (certkit.compare.PRESET_PURIFIER_PARAMS)"}
+                 "digits": "digits-scale settings of the compare preset (certkit.runs.compare.grid.PRESET_PURIFIER_PARAMS)"}
 
 
 def markdown(rows: list[dict], *, budget: str, epochs: int, seed: int, wall: float) -> str:

@@ -1,53 +1,84 @@
 """certkit: certification-first toolkit for backdoor robustness of neural networks.
 
-Public API (DESIGN.md section 4): exact confidence bounds (:func:`clopper_pearson`, :func:`hoeffding`),
-test-time randomized smoothing (:class:`RandomizedSmoothing`, Mode A), per-point results
-(:class:`CertificationResult`), metrics, run directories (:class:`RunDirectory`) and the ``certkit`` CLI.
+The package is layered (``docs/design.md``, section "Layout"); a module imports only from its own layer or
+a lower one:
+
+* ``certkit.errors``, ``_validation``, ``io``, ``seeding``, ``devices``, ``parallel``, ``version``: the base;
+* ``certkit.certify``: the certification maths (bounds, radii, smoothing, ensembles' votes, sample-specific
+  sigma, storage certification, results and certified metrics); no run directories;
+* ``certkit.backdoor``: data, attacks, models, training and the one ``prepare`` pipeline;
+* ``purifiers`` (a package of its own): empirical defenses;
+* ``certkit.runs``: run directories, single-model runs, ensembles, purify runs, reports, compare grid;
+* ``certkit.cli``: the command line.
+
+This module is only a facade: the public names below are imported on first use (PEP 562), so
+``import certkit`` stays fast and loading a low layer never pulls in a higher one.
+
+>>> import certkit
+>>> certkit.clopper_pearson(10, 10, alpha=0.001, alternative="greater").low > 0.49
+True
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import Any
 
-from .bounds import ConfidenceInterval, clopper_pearson, hoeffding, hoeffding_halfwidth
-from .ensemble import EnsembleVotes, SmoothedEnsemble, certify_votes
-from .ensemble_training import EnsembleSpec, train_ensemble, train_member
-from .errors import CertkitError, InputError, RecordError, UnknownNameError
-from .metrics import certified_trigger_robustness, defense_effectiveness_rating, empirical_metrics
-from .radius import gaussian_radius
-from .records import RunDirectory
-from .results import CertificationResult
-from .sigma import SigmaResult, optimize_sigma
-from .smoothing import PredictionResult, RandomizedSmoothing
-from .storage import CertifiedStore, StorageCertifier, StorageResult
+from certkit.version import __version__ as __version__
 
-__all__ = [
-    "CertificationResult",
-    "CertifiedStore",
-    "CertkitError",
-    "ConfidenceInterval",
-    "EnsembleSpec",
-    "EnsembleVotes",
-    "InputError",
-    "PredictionResult",
-    "RandomizedSmoothing",
-    "RecordError",
-    "RunDirectory",
-    "SigmaResult",
-    "SmoothedEnsemble",
-    "StorageCertifier",
-    "StorageResult",
-    "UnknownNameError",
-    "__version__",
-    "certified_trigger_robustness",
-    "certify_votes",
-    "clopper_pearson",
-    "defense_effectiveness_rating",
-    "empirical_metrics",
-    "gaussian_radius",
-    "hoeffding",
-    "hoeffding_halfwidth",
-    "optimize_sigma",
-    "train_ensemble",
-    "train_member",
-]
+#: public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "ConfidenceInterval": "certkit.certify.bounds",
+    "clopper_pearson": "certkit.certify.bounds",
+    "hoeffding": "certkit.certify.bounds",
+    "hoeffding_halfwidth": "certkit.certify.bounds",
+    "gaussian_radius": "certkit.certify.radius",
+    "CertificationResult": "certkit.certify.results",
+    "certified_trigger_robustness": "certkit.certify.metrics",
+    "simultaneous_asr_bound": "certkit.certify.metrics",
+    "SimultaneousBound": "certkit.certify.metrics",
+    "PredictionResult": "certkit.certify.smoothing",
+    "RandomizedSmoothing": "certkit.certify.smoothing",
+    "EnsembleVotes": "certkit.certify.ensemble",
+    "SmoothedEnsemble": "certkit.certify.ensemble",
+    "certify_votes": "certkit.certify.ensemble",
+    "SigmaResult": "certkit.certify.sigma",
+    "optimize_sigma": "certkit.certify.sigma",
+    "CertifiedStore": "certkit.certify.storage",
+    "StorageCertifier": "certkit.certify.storage",
+    "StorageResult": "certkit.certify.storage",
+    "defense_effectiveness_rating": "certkit.backdoor.metrics",
+    "empirical_metrics": "certkit.backdoor.metrics",
+    "load_dataset": "certkit.backdoor.data",
+    "load_digits": "certkit.backdoor.data",
+    "make_attack": "certkit.backdoor.attacks",
+    "triggered_test_set": "certkit.backdoor.attacks",
+    "build_model": "certkit.backdoor.models",
+    "train_model": "certkit.backdoor.training",
+    "PreparedData": "certkit.backdoor.prepare",
+    "prepare_data": "certkit.backdoor.prepare",
+    "CertkitError": "certkit.errors",
+    "InputError": "certkit.errors",
+    "RecordError": "certkit.errors",
+    "UnknownNameError": "certkit.errors",
+    "RunDirectory": "certkit.runs.rundir",
+    "EnsembleSpec": "certkit.runs.ensemble_spec",
+    "load_ensemble": "certkit.runs.ensemble_train",
+    "train_ensemble": "certkit.runs.ensemble_train",
+    "train_member": "certkit.runs.ensemble_train",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'certkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -12,33 +12,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from certkit.data import ArrayDataset
-from certkit.devices import resolve_device
+from certkit._validation import check_float, check_positive_int
+from certkit._validation import check_seed as _check_seed
+from certkit.backdoor.data import ArrayDataset
+from certkit.devices import module_device, resolve_device
 from certkit.errors import InputError
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def check_positive_int(value: Any, name: str) -> int:
-    """``value`` as an int >= 1, else :class:`InputError` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def check_float(value: Any, name: str, *, minimum: float = 0.0, strict: bool = False,
-                maximum: float | None = None) -> float:
-    """``value`` as a finite float >= ``minimum`` (> when ``strict``, <= ``maximum`` if given)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InputError(f"{name} must be a number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < minimum or (strict and v == minimum) or (maximum is not None and v > maximum):
-        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
-        if maximum is not None:
-            bound += f" and <= {maximum:g}"
-        raise InputError(f"{name} must be a finite number {bound}, got {value!r}")
-    return v
-
-
 def check_sgd_params(obj: Any) -> dict[str, Any]:
     """The validated SGD fine-tuning parameters shared by several purifiers: ``epochs``, ``lr``, ``momentum``
     (in [0, 1)), ``weight_decay``, ``batch_size``, ``device`` and ``progress`` attributes of ``obj``."""
@@ -54,12 +35,8 @@ def check_sgd_params(obj: Any) -> dict[str, Any]:
 
 
 def check_seed(seed: Any) -> int:
-    """``None`` -> 0 (purification is deterministic by default); else a non-negative integer."""
-    if seed is None:
-        return 0
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"seed must be a non-negative integer or None, got {seed!r}")
-    return int(seed)
+    """``None`` -> 0 (purification is deterministic by default); else a seed in ``[0, 2**32)``."""
+    return _check_seed(seed, allow_none=True)
 
 
 def check_device(device: Any) -> torch.device:
@@ -72,7 +49,7 @@ def check_inputs(model: Any, clean_data: Any) -> None:
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(clean_data, ArrayDataset):
-        raise InputError(f"clean_data must be a certkit.data.ArrayDataset, got {type(clean_data).__name__}")
+        raise InputError(f"clean_data must be a certkit.backdoor.data.ArrayDataset, got {type(clean_data).__name__}")
     if len(clean_data) == 0:
         raise InputError("clean_data is empty: the purifier needs some clean labelled data")
 
@@ -155,11 +132,6 @@ def reinit_linear_(layer: nn.Linear, generator: torch.Generator) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- training
-def _model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
 
 def sgd_finetune(
     model: nn.Module,
@@ -185,7 +157,7 @@ def sgd_finetune(
     original device. Returns the mean loss of each epoch.
     """
     dev = check_device(device)
-    home = _model_device(model)
+    home = module_device(model)
     if data.num_classes is not None:
         k = _num_classes_of(model)
         if k is not None and k != data.num_classes:

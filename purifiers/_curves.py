@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from certkit.data import ArrayDataset
+from certkit.backdoor.data import ArrayDataset
 from certkit.errors import InputError
 
 __all__ = ["bezier_point", "fit_bezier_curve", "parameters_of", "update_bn"]

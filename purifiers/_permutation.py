@@ -12,7 +12,7 @@ together for the network function to stay unchanged. For a group of ``size`` cha
 - *probes* are the modules whose outputs hold the group's activations (used for matching).
 
 Specs are built by structure (:func:`permutation_spec`): plain Conv/BN/Linear chains (the digits CNNs, the
-RAB MNIST CNN) and pre-activation residual networks made of :class:`certkit.models.PreActBlock` (all tensors
+RAB MNIST CNN) and pre-activation residual networks made of :class:`certkit.backdoor.models.PreActBlock` (all tensors
 that write to one residual stream share a permutation). Any other architecture raises
 :class:`~certkit.errors.InputError`.
 
@@ -36,6 +36,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from certkit.backdoor.models import Normalize, PreActBlock
 from certkit.errors import InputError
 
 __all__ = [
@@ -68,7 +69,6 @@ class PermGroup:
 
 # ---------------------------------------------------------------------------------------------- specs
 def _is_normalize(m: nn.Module) -> bool:
-    from certkit.models import Normalize
 
     return isinstance(m, Normalize)
 
@@ -148,7 +148,6 @@ def _chain_spec(model: nn.Module, example: torch.Tensor, head_name: str) -> list
 
 
 def _preact_spec(model: nn.Module, head_name: str) -> list[PermGroup]:
-    from certkit.models import PreActBlock
 
     blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, PreActBlock)]
     inside = {n for bn, _ in blocks for n, _ in model.named_modules() if n == bn or n.startswith(bn + ".")}
@@ -205,7 +204,6 @@ def permutation_spec(model: nn.Module, example: torch.Tensor, head_name: str) ->
     The spec is checked: a random permutation of every group must leave the logits on ``example`` unchanged,
     else :class:`InputError` (the architecture does something the spec cannot see).
     """
-    from certkit.models import PreActBlock
 
     if any(isinstance(m, PreActBlock) for m in model.modules()):
         groups = _preact_spec(model, head_name)

@@ -16,10 +16,10 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from certkit.devices import module_device
 from certkit.errors import InputError
 
 from ._common import (
-    _model_device,
     check_device,
     check_float,
     check_positive_int,
@@ -207,7 +207,7 @@ class AdversarialNeuronPruning(Purifier):
         bns = batchnorm_layers(model)
         if p["threshold"] == "validation" and validation is None:
             clean_data, validation = split_validation(clean_data, self.validation_fraction, seed)
-        dev, home = p["device"], _model_device(model)
+        dev, home = p["device"], module_device(model)
         net = copy.deepcopy(model).to(dev)
         net_bns = [(n, dict(net.named_modules())[n]) for n, _ in bns]
         masks = self._learn_masks(net, net_bns, clean_data, p, seed, dev)

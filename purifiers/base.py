@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from certkit.errors import InputError
+from purifiers._common import check_inputs, check_num_classes, check_seed, split_validation
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,10 @@ class Purifier(ABC):
 
         Args:
             model: the (possibly backdoored) classifier, normalisation as its first layer.
-            clean_data: the defender's small clean set (an :class:`~certkit.data.ArrayDataset`).
+            clean_data: the defender's small clean set (an :class:`~certkit.backdoor.data.ArrayDataset`).
             validation: a validation split carved from the defender's clean data, used for any selection.
             seed: seed of every random choice of the method.
         """
-        from ._common import check_inputs, check_num_classes, check_seed, split_validation
-
         check_inputs(model, clean_data)
         check_num_classes(model, clean_data)
         seed = check_seed(seed)

@@ -7,10 +7,10 @@ from typing import Any
 
 from torch import nn
 
-from certkit.attacks import Attack, TriggeredSet, triggered_test_set
-from certkit.data import ArrayDataset
+from certkit.backdoor.attacks import Attack, TriggeredSet, triggered_test_set
+from certkit.backdoor.data import ArrayDataset
+from certkit.backdoor.metrics import defense_effectiveness_rating, empirical_metrics
 from certkit.errors import InputError
-from certkit.metrics import defense_effectiveness_rating, empirical_metrics
 
 
 @dataclass
@@ -46,16 +46,16 @@ def evaluate(model: nn.Module, purified: nn.Module, clean_test: ArrayDataset, tr
              target: int | None = None, *, device: Any = "auto", batch_size: int = 1024,
              runtime_s: float | None = None) -> PurificationReport:
     """Compare ``model`` (before) and ``purified`` (after) on a clean test set and a triggered test set
-    (:func:`certkit.attacks.triggered_test_set`: non-target inputs only, as in BackdoorBench).
+    (:func:`certkit.backdoor.attacks.triggered_test_set`: non-target inputs only, as in BackdoorBench).
 
-    ``triggered`` is either a :class:`~certkit.attacks.TriggeredSet` or an attack object, in which case
+    ``triggered`` is either a :class:`~certkit.backdoor.attacks.TriggeredSet` or an attack object, in which case
     ``target`` is required and the triggered set is built from ``clean_test``.
     """
     if isinstance(triggered, Attack):
         if target is None:
             raise InputError("evaluate(..., attack, target): the target class is required with an attack")
         if not isinstance(clean_test, ArrayDataset):
-            raise InputError(f"clean_test must be a certkit.data.ArrayDataset, got {type(clean_test).__name__}")
+            raise InputError(f"clean_test must be a certkit.backdoor.data.ArrayDataset, got {type(clean_test).__name__}")
         triggered = triggered_test_set(triggered, clean_test, target)
     elif target is not None and isinstance(triggered, TriggeredSet) and int(target) != int(triggered.target):
         raise InputError(f"target={target} differs from the triggered set's target {triggered.target}")
@@ -63,9 +63,9 @@ def evaluate(model: nn.Module, purified: nn.Module, clean_test: ArrayDataset, tr
         if not isinstance(m, nn.Module):
             raise InputError(f"{name} must be a torch.nn.Module, got {type(m).__name__}")
     if not isinstance(clean_test, ArrayDataset):
-        raise InputError(f"clean_test must be a certkit.data.ArrayDataset, got {type(clean_test).__name__}")
+        raise InputError(f"clean_test must be a certkit.backdoor.data.ArrayDataset, got {type(clean_test).__name__}")
     if not isinstance(triggered, TriggeredSet):
-        raise InputError(f"triggered must be a certkit.attacks.TriggeredSet, got {type(triggered).__name__}")
+        raise InputError(f"triggered must be a certkit.backdoor.attacks.TriggeredSet, got {type(triggered).__name__}")
     if len(clean_test) == 0 or len(triggered) == 0:
         raise InputError("clean_test and triggered must both be non-empty")
     if runtime_s is not None:

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from certkit.devices import module_device
 from certkit.errors import InputError
 
 from ._common import (
-    _model_device,
     check_float,
     check_sgd_params,
     find_head,
@@ -28,7 +28,7 @@ from .registry import register
 
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Any, device: torch.device, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` (eval mode, no gradients) on an :class:`~certkit.data.ArrayDataset`."""
+    """Top-1 accuracy of ``model`` (eval mode, no gradients) on an :class:`~certkit.backdoor.data.ArrayDataset`."""
     model.eval()
     correct = 0
     for start in range(0, len(data), batch_size):
@@ -162,7 +162,7 @@ class FinePruning(Purifier):
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
         _, head = find_head(model, clean_data.num_classes)
-        dev, home = p["device"], _model_device(model)
+        dev, home = p["device"], module_device(model)
         model.to(dev)
         try:
             groups, means = _feature_groups(model, head, clean_data, dev)

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from certkit.devices import module_device
 from certkit.errors import InputError
 
 from ._common import (
-    _model_device,
     check_float,
     check_sgd_params,
 )
@@ -123,7 +123,7 @@ class FineTuningSAM(Purifier):
         if not params:
             raise InputError("model has no trainable parameters")
         dev = p["device"]
-        home = _model_device(model)
+        home = module_device(model)
         model.to(dev)
         opt = torch.optim.SGD(params, lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p["epochs"])

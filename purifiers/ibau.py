@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from certkit.devices import module_device
 from certkit.errors import InputError
 
 from ._common import (
-    _model_device,
     check_device,
     check_float,
     check_positive_int,
@@ -141,7 +141,7 @@ class ImplicitBackdoorAdversarialUnlearning(Purifier):
 
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
-        dev, home = p["device"], _model_device(model)
+        dev, home = p["device"], module_device(model)
         params = [q for q in model.parameters() if q.requires_grad]
         if not params:
             raise InputError("model has no trainable parameters")

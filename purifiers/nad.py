@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from certkit.devices import module_device
 from certkit.errors import InputError
 
 from ._common import (
-    _model_device,
     check_device,
     check_float,
     check_positive_int,
@@ -211,7 +211,7 @@ class NeuralAttentionDistillation(Purifier):
 
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
-        dev, home = p["device"], _model_device(model)
+        dev, home = p["device"], module_device(model)
         model.to(dev)
         sites = attention_sites(model, clean_data.x[:2].to(dev), len(p["betas"]))
         betas = p["betas"][-len(sites):]

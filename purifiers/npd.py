@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from certkit.devices import module_device
 from certkit.errors import InputError
 
 from ._common import (
-    _model_device,
     _num_classes_of,
     check_device,
     check_float,
@@ -195,7 +195,7 @@ class NeuralPolarizerDefense(Purifier):
         if clean_data.num_classes is not None and k is not None and k != clean_data.num_classes:
             raise InputError(f"model has {k} classes but clean_data has num_classes={clean_data.num_classes}")
         path, conv = find_insertion_point(model)
-        dev, home = p["device"], _model_device(model)
+        dev, home = p["device"], module_device(model)
         flags = [(q, q.requires_grad) for q in model.parameters()]
         for q, _ in flags:
             q.requires_grad_(False)

@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certkit.attacks import PoisonedDataset, TriggeredSet
-from certkit.data import ArrayDataset
+from certkit.backdoor.attacks import PoisonedDataset, TriggeredSet
+from certkit.backdoor.data import ArrayDataset
+from certkit.backdoor.metrics import attack_success_rate
+from certkit.devices import module_device
 from certkit.errors import InputError
-from certkit.metrics import attack_success_rate
 
-from ._common import _model_device, check_device, check_float, check_positive_int, check_seed
+from ._common import check_device, check_float, check_positive_int, check_seed
 
 __all__ = ["reactivate", "reactivation_asr"]
 
@@ -36,8 +37,8 @@ def _poisoned_pool(poisoned: Any, indices: Any) -> tuple[ArrayDataset, np.ndarra
             raise InputError("indices must not be given with a PoisonedDataset (its poison_indices are used)")
         return poisoned.dataset, np.asarray(poisoned.poison_indices, dtype=np.int64)
     if not isinstance(poisoned, ArrayDataset):
-        raise InputError("poisoned must be a certkit.attacks.PoisonedDataset (Attack.poison(...)) or a "
-                         f"certkit.data.ArrayDataset of poisoned samples, got {type(poisoned).__name__}")
+        raise InputError("poisoned must be a certkit.backdoor.attacks.PoisonedDataset (Attack.poison(...)) or a "
+                         f"certkit.backdoor.data.ArrayDataset of poisoned samples, got {type(poisoned).__name__}")
     if indices is None:
         return poisoned, np.arange(len(poisoned), dtype=np.int64)
     idx = np.asarray(indices)
@@ -56,9 +57,9 @@ def reactivate(model: nn.Module, poisoned: PoisonedDataset | ArrayDataset, *, n_
 
     Args:
         model: a (purified) classifier, normalisation as its first layer.
-        poisoned: a :class:`~certkit.attacks.PoisonedDataset` from ``Attack.poison`` (only its
+        poisoned: a :class:`~certkit.backdoor.attacks.PoisonedDataset` from ``Attack.poison`` (only its
             ``poison_indices`` are drawn from, never its clean samples), or an
-            :class:`~certkit.data.ArrayDataset` whose samples are all poisoned (or whose poisoned rows are
+            :class:`~certkit.backdoor.data.ArrayDataset` whose samples are all poisoned (or whose poisoned rows are
             given by ``indices``).
         n_samples: how many poisoned samples, drawn without replacement with ``numpy.random.default_rng(seed)``
             (5 in the retuning attack).
@@ -88,7 +89,7 @@ def reactivate(model: nn.Module, poisoned: PoisonedDataset | ArrayDataset, *, n_
     sel = torch.from_numpy(chosen)
     x, y = data.x[sel], data.y[sel]
     work = copy.deepcopy(model)
-    home = _model_device(work)
+    home = module_device(work)
     work.to(dev)
     params = [q for q in work.parameters() if q.requires_grad]
     if not params:
@@ -116,11 +117,11 @@ def reactivate(model: nn.Module, poisoned: PoisonedDataset | ArrayDataset, *, n_
 
 def reactivation_asr(model: nn.Module, poisoned: PoisonedDataset | ArrayDataset, triggered: TriggeredSet,
                      **kw: Any) -> float:
-    """Attack success rate on ``triggered`` (:func:`certkit.attacks.triggered_test_set`) of
+    """Attack success rate on ``triggered`` (:func:`certkit.backdoor.attacks.triggered_test_set`) of
     :func:`reactivate` ``(model, poisoned, **kw)``: the post-purification robustness check (lower is better).
     ``kw`` takes :func:`reactivate`'s keywords (``n_samples``, ``epochs``, ``lr``, ``batch_size``, ``seed``,
     ``device``, ...)."""
     if not isinstance(triggered, TriggeredSet):
-        raise InputError(f"triggered must be a certkit.attacks.TriggeredSet, got {type(triggered).__name__}")
+        raise InputError(f"triggered must be a certkit.backdoor.attacks.TriggeredSet, got {type(triggered).__name__}")
     re = reactivate(model, poisoned, **kw)
     return attack_success_rate(re, triggered.x, triggered.target, device=kw.get("device", "auto"))

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from certkit.devices import module_device
 from certkit.errors import InputError
 
 from ._common import (
-    _model_device,
     _num_classes_of,
     check_device,
     check_float,
@@ -254,7 +254,7 @@ class ReconstructiveNeuronPruning(Purifier):
         if p["threshold"] == "validation" and validation is None:
             train, validation = split_validation(clean_data, self.validation_fraction, seed)
         dev = p["device"]
-        home = _model_device(model)
+        home = module_device(model)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)
             gen = torch.Generator().manual_seed(seed)

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from certkit.devices import module_device
 from certkit.errors import InputError
 
 from ._common import (
-    _model_device,
     check_device,
     check_float,
     check_positive_int,
@@ -157,7 +157,7 @@ class SharedAdversarialUnlearning(Purifier):
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
         if clean_data.num_classes is not None:
-            dev, home = p["device"], _model_device(model)
+            dev, home = p["device"], module_device(model)
         ref = copy.deepcopy(model).to(dev).eval()
         for q in ref.parameters():
             q.requires_grad_(False)

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from certkit.devices import module_device
 from certkit.errors import InputError
 
 from ._common import (
-    _model_device,
     check_device,
     check_float,
     check_positive_int,
@@ -341,7 +341,7 @@ class TwoStageBackdoorDefense(Purifier):
         scored_convs(model)  # InputError early when there is nothing to score
         if not any(q.requires_grad for q in model.parameters()):
             raise InputError("model has no trainable parameters")
-        dev, home = p["device"], _model_device(model)
+        dev, home = p["device"], module_device(model)
         rng_devices = [dev] if dev.type == "cuda" else []
         model.to(dev).eval()
         try:

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from certkit.data import ArrayDataset
+from certkit.backdoor.data import ArrayDataset
+from certkit.devices import module_device
 from certkit.errors import InputError
 
 from ._common import (
-    _model_device,
     check_device,
     check_float,
     check_positive_int,
@@ -222,7 +222,7 @@ class TwoStageSymmetryConnectivity(Purifier):
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
         dev = p["device"]
-        home = _model_device(model)
+        home = module_device(model)
         head_name, _ = find_head(model, clean_data.num_classes)
         data = clean_data
         if p["loss"] == "simclr":  # labels are never read: make that explicit

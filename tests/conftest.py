@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from certkit.attacks import BadNets, triggered_test_set
-from certkit.data import load_digits
-from certkit.models import build_model
-from certkit.training import train_model
+from certkit.backdoor.attacks import BadNets, triggered_test_set
+from certkit.backdoor.data import load_digits
+from certkit.backdoor.models import build_model
+from certkit.backdoor.training import train_model
 
 PURIFY_TARGET = 0
 # The defender gets 20% of the training set (251 images, ~25 per class): at 2-5% (25-63 images, 2-6 per
@@ -28,7 +30,24 @@ def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one intra-op thread: float reductions then sum in one order whatever the machine's core
+    count, so trained weights (and the purifier results asserted on them) are the same on every machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _backdoored(arch: str) -> dict:
+    with one_thread():
+        return _train_backdoored(arch)
+
+
+def _train_backdoored(arch: str) -> dict:
     splits = load_digits()
     attack = BadNets()
     poisoned = attack.poison(splits.train, 0.1, target=PURIFY_TARGET, seed=0)

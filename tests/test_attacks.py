@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from certkit.attacks import (
+from certkit.backdoor.attacks import (
     ATTACKS,
     SIG,
     Attack,
@@ -23,10 +23,10 @@ from certkit.attacks import (
     make_attack,
     triggered_test_set,
 )
-from certkit.data import ArrayDataset, load_digits
+from certkit.backdoor.data import ArrayDataset, load_digits
+from certkit.backdoor.models import build_model, predict_labels
+from certkit.backdoor.training import train_model
 from certkit.errors import InputError, UnknownNameError
-from certkit.models import build_model, predict_labels
-from certkit.training import train_model
 
 
 @pytest.fixture(scope="module")

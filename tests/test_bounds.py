@@ -1,4 +1,4 @@
-"""Specification of certkit.bounds: exact Clopper-Pearson, Hoeffding and the p = 1/2 binomial test.
+"""Specification of certkit.certify.bounds: exact Clopper-Pearson, Hoeffding and the p = 1/2 binomial test.
 
 Reference values are DESIGN.md section 9 / certification-notes.md section 7 (scipy 1.17, statsmodels 0.15).
 """
@@ -19,8 +19,8 @@ from numba import njit
 from scipy import stats
 from statsmodels.stats.proportion import proportion_confint
 
-from certkit import bounds
-from certkit.bounds import (
+from certkit.certify import bounds
+from certkit.certify.bounds import (
     ConfidenceInterval,
     binomtest_half_pvalue,
     clopper_pearson,
@@ -423,7 +423,7 @@ def test_scipy_name_resolution_falls_back_to_unfused_names(monkeypatch):
 
 def test_large_inputs_are_deduplicated_without_changing_a_bit():
     # certification logs repeat counts; clopper_pearson computes each distinct (k, n) once
-    from certkit.bounds import cp_interval_array
+    from certkit.certify.bounds import cp_interval_array
 
     rng = np.random.default_rng(3)
     n = rng.choice([1000, 100_000], size=20_000).astype(float)

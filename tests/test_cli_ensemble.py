@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -43,7 +44,14 @@ def test_recertifying_reuses_the_votes_and_changes_only_the_bound(ens_run, capsy
     assert (ens_run / "votes" / "clean.npz").read_bytes() == votes_bytes
     after = json.loads((ens_run / "summary.json").read_text())["ensemble"]
     assert after["bound"] == "hoeffding" and before["bound"] == "clopper-pearson"
-    assert after["ensemble_clean_accuracy"] == before["ensemble_clean_accuracy"]  # same votes
+    # same votes; the accuracy is that of the aggregate each bound certifies (hard majority / soft ranking)
+    from certkit.certify.ensemble import EnsembleVotes
+
+    votes = EnsembleVotes.load(ens_run / "votes" / "clean.npz")
+    points = pd.read_csv(ens_run / "points.csv")
+    labels = points[points["set"] == "clean"]["label"].to_numpy()
+    for summary, bound in ((before, "clopper-pearson"), (after, "hoeffding")):
+        assert summary["ensemble_clean_accuracy"] == pytest.approx(np.mean(votes.prediction(bound) == labels))
 
 
 def test_report_understands_ensemble_runs(ens_run, capsys):
@@ -83,7 +91,7 @@ def test_demo_ensemble_mode(tmp_path, capsys):
 def test_bad_input_is_one_line_and_exit_code_2(argv, message, ens_run, tmp_path, capsys):
     import re
 
-    from certkit.records import RunDirectory
+    from certkit.runs.rundir import RunDirectory
 
     single = tmp_path / "single"
     RunDirectory.create(single, {"train": {}}, kind="single")

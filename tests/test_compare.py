@@ -11,24 +11,15 @@ import pytest
 
 import purifiers
 from certkit.cli import main
-from certkit.compare import (
-    NOT_AVAILABLE,
-    PURIFIERS,
-    CompareSpec,
-    attack_key,
-    load_cells,
-    preset,
-    purifier_budget,
-    run_compare,
-    to_markdown,
-)
-from certkit.compare_plots import certified_curve
-from certkit.errors import CertkitError, InputError, RecordError
+from certkit.errors import CertkitError, InputError, RecordError, UnknownNameError
+from certkit.runs.compare.grid import NOT_AVAILABLE, CompareSpec, purifier_budget, run_compare
+from certkit.runs.compare.plots import certified_curve
+from certkit.runs.compare.spec import PURIFIERS, attack_key, preset
+from certkit.runs.compare.table import load_cells, to_markdown
 
-# A tiny grid: BN-less digits CNN (so ANP, a BatchNorm method, must be skipped), a name that is no purifier,
-# fine-tuning with re-activation, the undefended model and a 2-member RAB ensemble; 40 certified points.
-TINY = dict(model="digits-cnn", attacks=["badnets"], epochs=8, defenses=["undefended", "ft", "anp", "no-such-method",
-                                                                        "rab"],
+# A tiny grid: BN-less digits CNN (so ANP, a BatchNorm method, must be skipped), fine-tuning with
+# re-activation, the undefended model and a 2-member RAB ensemble; 40 certified points.
+TINY = dict(model="digits-cnn", attacks=["badnets"], epochs=8, defenses=["undefended", "ft", "anp", "rab"],
             purifier_params={"ft": {"epochs": 2}}, noise_finetune_epochs=1, n0=50, n=100, max_points=40,
             ensemble_members=2, ensemble_epochs=1, reactivation=True)
 
@@ -47,7 +38,7 @@ def _row(table: pd.DataFrame, defense: str) -> pd.Series:
 def test_tiny_grid_end_to_end_writes_table_and_plots(grid):
     out, res = grid
     t = res.table
-    assert list(t["defense"]) == TINY["defenses"] and res.computed == 5 and res.reused == 0
+    assert list(t["defense"]) == TINY["defenses"] and res.computed == 4 and res.reused == 0
     assert set(t.columns) >= {"ca", "asr", "ra", "der", "acr", "ctr", "ca@0", "ca@0.5", "wall_s", "budget"}
     ok = t[t["status"] == "ok"]
     assert list(ok["defense"]) == ["undefended", "ft", "rab"]
@@ -72,7 +63,20 @@ def test_cells_that_cannot_run_are_skipped_with_their_reason(grid):
         assert anp["status"] == "skipped" and "BatchNorm" in anp["reason"]
     else:
         assert anp["reason"] == NOT_AVAILABLE
-    missing = _row(t, "no-such-method")
+
+
+def test_an_unknown_defense_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(UnknownNameError, match="unknown defense.*'nosuchdefense'.*choose from undefended"):
+        run_compare({**TINY, "defenses": ["undefended", "nosuchdefense"]}, tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_known_purifier_that_is_not_registered_is_a_skipped_row(grid, tmp_path, monkeypatch):
+    registered = dict(purifiers.available())
+    monkeypatch.setattr(purifiers, "available", lambda: {k: v for k, v in registered.items() if k != "clp"})
+    res = run_compare({**TINY, "defenses": ["clp"], "reactivation": False}, grid[0].parent / "unregistered",
+                      progress=False, plots=False, log=lambda *_: None)
+    missing = _row(res.table, "clp")
     assert missing["status"] == "skipped" and missing["reason"] == NOT_AVAILABLE
     assert np.isnan(missing["ca"])
 
@@ -81,7 +85,7 @@ def test_resume_keeps_finished_cells(grid):
     out, _ = grid
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
     res = run_compare(CompareSpec.from_dict(TINY), out, progress=False, plots=False, log=lambda *_: None)
-    assert res.computed == 0 and res.reused == 5
+    assert res.computed == 0 and res.reused == 4
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == mtimes
     pd.testing.assert_frame_equal(res.table, grid[1].table)
 
@@ -120,12 +124,12 @@ def test_cli_with_a_yaml_spec_resumes_the_grid(grid, tmp_path, capsys):
     assert CompareSpec.from_file(f).sha256() == CompareSpec.from_dict(TINY).sha256()
     assert main(["compare", "--spec", str(f), "--out", str(grid[0]), "--no-progress", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "0 cell(s) run, 5 kept" in printed and "| badnets |" in printed
+    assert "0 cell(s) run, 4 kept" in printed and "| badnets |" in printed
 
 
 def test_dask_cluster_gives_the_same_rows(grid, tmp_path):
     distributed = pytest.importorskip("distributed")
-    spec = {**TINY, "defenses": ["undefended", "no-such-method"], "reactivation": False}
+    spec = {**TINY, "defenses": ["undefended"], "reactivation": False}
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         res = run_compare(spec, tmp_path / "dask", scheduler=client, progress=False, plots=False,
@@ -133,7 +137,6 @@ def test_dask_cluster_gives_the_same_rows(grid, tmp_path):
     a, b = _row(res.table, "undefended"), _row(grid[1].table, "undefended")
     for col in ("ca", "asr", "smoothed_ca", "acr", "ctr"):
         assert a[col] == b[col], col
-    assert _row(res.table, "no-such-method")["reason"] == NOT_AVAILABLE
 
 
 def test_certified_curve_counts_points_at_or_beyond_each_radius():
@@ -162,7 +165,7 @@ def test_markdown_table_formats_numbers_and_blanks():
 
 
 def test_load_cells_refuses_other_run_kinds(tmp_path):
-    from certkit.records import RunDirectory
+    from certkit.runs.rundir import RunDirectory
 
     RunDirectory.create(tmp_path / "r", {"x": 1}, kind="single")
     with pytest.raises(RecordError, match="not a comparison directory"):

@@ -13,7 +13,7 @@ import torch
 import torchvision.datasets as tvd
 from PIL import Image
 
-from certkit.data import (
+from certkit.backdoor.data import (
     DATASETS,
     ArrayDataset,
     DatasetSplits,

@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from certkit.ensemble import EnsembleVotes, SmoothedEnsemble, certify_votes, joint_trigger_norms
+from certkit.certify.ensemble import EnsembleVotes, SmoothedEnsemble, certify_votes, joint_trigger_norms
 from certkit.errors import InputError, RecordError, UnknownNameError
 
 

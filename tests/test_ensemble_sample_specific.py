@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import types
 
 import numpy as np
@@ -16,7 +15,8 @@ import torch
 from scipy import stats
 from torch import nn
 
-from certkit.ensemble import (
+from certkit.backdoor.training import train_model
+from certkit.certify.ensemble import (
     EnsembleVotes,
     SmoothedEnsemble,
     attack_covered,
@@ -27,7 +27,10 @@ from certkit.ensemble import (
     vote_gap,
     weighted_joint_norms,
 )
-from certkit.ensemble_training import (
+from certkit.certify.metrics import certified_trigger_robustness
+from certkit.errors import CertkitError, InputError, RecordError
+from certkit.runs import ensemble_certify, ensemble_train
+from certkit.runs.ensemble_train import (
     NOISE_MODES,
     REFERENCE_MODEL,
     SAMPLE_SPECIFIC_ASSUMPTION,
@@ -38,15 +41,12 @@ from certkit.ensemble_training import (
     load_training_scales,
     member_name,
     member_train_noise,
-    prepare_ensemble_data,
+    prepare_data,
     train_ensemble,
     train_member,
 )
-from certkit.errors import CertkitError, InputError, RecordError
-from certkit.metrics import certified_trigger_robustness
-from certkit.records import RunDirectory
+from certkit.runs.rundir import RunDirectory
 from certkit.seeding import STREAM_MEMBER_INIT, derive_seed
-from certkit.training import train_model
 
 # tiny settings: digits, 3 members, 1 epoch, a non-dyadic sigma (so "equal scales" is a real float check)
 BASE = dict(members=3, epochs=1, poison_rate=0.05, sigma=0.3, seed=3)
@@ -54,7 +54,7 @@ SS = dict(BASE, noise="sample-specific", sigma_steps=2)
 
 
 class FakeSigma:
-    """Stand-in for certkit.sigma.optimize_sigma: ``fn(n, base_sigma) -> sigma [n]``; counts its calls."""
+    """Stand-in for certkit.certify.sigma.optimize_sigma: ``fn(n, base_sigma) -> sigma [n]``; counts its calls."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -78,13 +78,13 @@ class FakeSigma:
 
 @pytest.fixture
 def fake_sigma(monkeypatch):
-    """Install a stand-in optimiser as ``certkit.sigma`` (what ``from .sigma import optimize_sigma`` finds)."""
+    """Install a stand-in optimiser where the ensemble runs call ``optimize_sigma``."""
 
     def install(fn):
         fake = FakeSigma(fn)
-        module = types.ModuleType("certkit.sigma")
-        module.optimize_sigma = fake
-        monkeypatch.setitem(sys.modules, "certkit.sigma", module)
+        for module in (ensemble_train, ensemble_certify):
+            if hasattr(module, "optimize_sigma"):
+                monkeypatch.setattr(module, "optimize_sigma", fake)
         return fake
 
     return install
@@ -159,7 +159,7 @@ def test_member_train_noise_scales_each_row_of_the_same_draw():
         (np.array([0.3] * 49 + [0.0]), "strictly positive"),
         (np.array([0.3] * 49 + [-0.1]), "strictly positive"),
         (np.full((50, 1), 0.3), "1-D"),
-        ("abc", "1-D array of numbers"),
+        ("abc", "must be positive numbers"),
     ]:
         with pytest.raises(InputError, match=match):
             member_train_noise(spec, 1, shape, scales=bad)
@@ -186,10 +186,10 @@ def test_members_train_on_their_draw_times_the_run_scales(fake_sigma, tmp_path):
     run = train_ensemble(spec, tmp_path / "run", progress=False)
     scales = load_training_scales(run)
     np.testing.assert_array_equal(scales, _varied(1257, 0.3))
-    data = prepare_ensemble_data(spec)
+    data = prepare_data(spec)
     seed = derive_seed(spec.seed, STREAM_MEMBER_INIT, 2)
     torch.manual_seed(seed)
-    from certkit.models import build_model
+    from certkit.backdoor.models import build_model
 
     model = build_model(
         "digits-cnn", num_classes=10, input_shape=(1, 8, 8), mean=data.splits.mean, std=data.splits.std
@@ -554,8 +554,8 @@ def test_bad_input():
 
 
 def test_certify_a_sample_specific_run_end_to_end(tmp_path):
-    pytest.importorskip("certkit.sigma")
-    from certkit.ensemble_runs import (
+    pytest.importorskip("certkit.certify.sigma")
+    from certkit.runs.ensemble_certify import (
         TEST_SIGMAS,
         EnsembleCertifyConfig,
         certify_ensemble_run,
@@ -577,7 +577,7 @@ def test_certify_a_sample_specific_run_end_to_end(tmp_path):
     assert TEST_SIGMAS in run.reload()["files"]
     # input-dependent sigmas: the storage update ran over the clean points and its store is saved
     assert "store.npz" in run.reload()["files"] and row["storage"]["n_stored"] <= 40
-    from certkit.storage import CertifiedStore
+    from certkit.certify.storage import CertifiedStore
 
     assert CertifiedStore.load(run.file("store.npz")).check_invariant()
     points = pd.read_csv(run.file("points.csv"))
@@ -600,7 +600,7 @@ def test_certify_a_sample_specific_run_end_to_end(tmp_path):
     assert row["certified_trigger_robustness"] == pytest.approx(
         float(np.mean(trig.correct.astype(bool) & trig.attack_covered.astype(bool)))
     )
-    from certkit.results import CertificationResult
+    from certkit.certify.results import CertificationResult
 
     assert row["certified_trigger_robustness"] == certified_trigger_robustness(
         CertificationResult.from_frame(trig), target=spec.target

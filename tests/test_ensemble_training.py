@@ -17,22 +17,22 @@ import pytest
 import torch
 from torch import nn
 
-from certkit.data import load_digits
-from certkit.ensemble_training import (
+from certkit.backdoor.data import load_digits
+from certkit.backdoor.models import build_model
+from certkit.backdoor.training import train_model
+from certkit.errors import CertkitError, InputError, RecordError, UnknownNameError
+from certkit.runs.ensemble_train import (
     NOISE_MODES,
     EnsembleSpec,
     member_name,
     member_test_noise,
     member_train_noise,
-    prepare_ensemble_data,
+    prepare_data,
     train_ensemble,
     train_member,
 )
-from certkit.errors import CertkitError, InputError, RecordError, UnknownNameError
-from certkit.models import build_model
-from certkit.records import RunDirectory
+from certkit.runs.rundir import RunDirectory
 from certkit.seeding import STREAM_MEMBER_INIT, derive_seed
-from certkit.training import train_model
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny settings: digits (1257 training inputs), 2 epochs, about 0.2 s per member on one core
@@ -193,20 +193,6 @@ def test_run_directory_of_another_config_is_refused(reference, tmp_path):
 # data and noise
 
 
-def test_prepare_ensemble_data_is_deterministic_and_matches_single_runs():
-    from certkit.experiments import TrainConfig, prepare
-
-    spec = EnsembleSpec(**SMALL)
-    a, b = prepare_ensemble_data(spec), prepare_ensemble_data(spec.to_dict())
-    splits, attack, poisoned, triggered = a  # unpacks as a 4-tuple
-    assert poisoned.dataset.sha256() == b.poisoned.dataset.sha256() == a.train.sha256()
-    assert poisoned.num_poisoned == round(0.05 * len(splits.train)) and (triggered.y_true != 0).all()
-    assert a.test_trigger_norms.shape == (len(splits.test),)
-    exp = prepare(TrainConfig(poison_rate=0.05, seed=3))
-    assert exp.poisoned.dataset.sha256() == poisoned.dataset.sha256()
-    assert prepare_ensemble_data({**SMALL, "seed": 4}).train.sha256() != poisoned.dataset.sha256()
-
-
 def test_fixed_noise_streams():
     spec = EnsembleSpec(**SMALL)
     shape = (1257, 1, 8, 8)
@@ -284,7 +270,7 @@ def test_train_model_fixed_noise_zero_is_no_noise_and_validation():
 
 def test_train_member_is_what_the_spec_says_and_idempotent(reference):
     spec, run, states, shas = reference
-    data = prepare_ensemble_data(spec)
+    data = prepare_data(spec)
     seed = derive_seed(spec.seed, STREAM_MEMBER_INIT, 1)
     torch.manual_seed(seed)
     model = build_model(
@@ -342,6 +328,14 @@ def test_bit_identical_across_n_jobs_and_dask(reference, tmp_path):
     assert _shas(run3, spec.members) == shas
 
 
+def test_local_cluster_members_are_bit_identical_to_joblib(reference, tmp_path):
+    pytest.importorskip("distributed")
+    spec, _, states, shas = reference
+    run = train_ensemble(spec, tmp_path / "local", scheduler="local-cluster", n_jobs=2, progress=False)
+    _assert_identical(_states(run, spec.members), states)
+    assert _shas(run, spec.members) == shas
+
+
 def test_member_does_not_depend_on_ensemble_size(reference, tmp_path):
     spec, _, states, _ = reference
     bigger = EnsembleSpec(**{**SMALL, "members": 5})
@@ -351,7 +345,7 @@ def test_member_does_not_depend_on_ensemble_size(reference, tmp_path):
 
 _CHILD = """
 import json, sys
-from certkit.ensemble_training import EnsembleSpec, train_ensemble
+from certkit.runs.ensemble_train import EnsembleSpec, train_ensemble
 train_ensemble(EnsembleSpec(**json.loads(sys.argv[1])), sys.argv[2], n_jobs=1, progress=False)
 """
 
@@ -428,3 +422,19 @@ def test_resume_refuses_changed_data(reference, tmp_path):
     copy.record_data_hash("poisoned_train", "0" * 64)
     with pytest.raises(RecordError, match="poisoned_train"):
         train_ensemble(spec, out, progress=False)
+
+
+def test_a_member_saved_without_its_step_gets_the_step_recorded_on_resume(tmp_path):
+    spec = EnsembleSpec(**{**SMALL, "members": 1})
+    run = train_ensemble(spec, tmp_path / "r", progress=False)
+    name = member_name(0)
+
+    def forget(m: dict) -> None:  # the state an older certkit left after kill -9 between save and mark
+        del m["steps"][f"train/{name}"]
+        del m["timings"][f"train/{name}"]
+
+    run._update(forget)
+    rec = train_member(spec, 0, run.path, progress=False)
+    assert rec["trained"] is False
+    step = RunDirectory.open(run.path).manifest["steps"][f"train/{name}"]
+    assert step["done"] is True and step["recovered"] is True and step["sha256"] == rec["sha256"]

@@ -7,15 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from certkit.errors import InputError
-from certkit.metrics import (
+from certkit.backdoor.metrics import (
     attack_success_rate,
-    certified_trigger_robustness,
     clean_accuracy,
     defense_effectiveness_rating,
     robust_accuracy,
 )
-from certkit.results import CertificationResult
+from certkit.certify.metrics import certified_trigger_robustness
+from certkit.certify.results import CertificationResult
+from certkit.errors import InputError
 
 
 class Lookup(nn.Module):

@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from certkit.data import load_digits
-from certkit.errors import InputError, UnknownNameError
-from certkit.models import (
+from certkit.backdoor.data import load_digits
+from certkit.backdoor.models import (
     MODELS,
     DigitsCNN,
     Normalize,
@@ -20,7 +19,8 @@ from certkit.models import (
     predict_labels,
     predict_logits,
 )
-from certkit.training import train_model
+from certkit.backdoor.training import train_model
+from certkit.errors import InputError, UnknownNameError
 
 
 def test_normalize_is_per_channel_and_saved_in_state_dict():
@@ -132,7 +132,7 @@ def test_digits_cnn_reaches_95_percent_quickly():
 
 
 def test_bn_digits_cnn_and_preact_resnet18_shapes_and_structure():
-    from certkit.models import DigitsBNCNN, PreActBlock, PreActResNet18
+    from certkit.backdoor.models import DigitsBNCNN, PreActBlock, PreActResNet18
 
     d = DigitsBNCNN(num_classes=10)
     assert isinstance(next(d.children()), Normalize)
@@ -154,7 +154,7 @@ def test_bn_digits_cnn_and_preact_resnet18_shapes_and_structure():
 
 
 def test_preact_block_is_identity_plus_residual():
-    from certkit.models import PreActBlock
+    from certkit.backdoor.models import PreActBlock
 
     b = PreActBlock(8, 8, 1)
     nn.init.zeros_(b.conv2.weight)  # residual branch off: the block is the identity

@@ -11,10 +11,10 @@ from conftest import same_state, state_of
 from torch import nn
 
 import purifiers
-from certkit.data import ArrayDataset
+from certkit.backdoor.data import ArrayDataset
+from certkit.backdoor.metrics import defense_effectiveness_rating
+from certkit.backdoor.models import Normalize, build_model
 from certkit.errors import InputError, UnknownNameError
-from certkit.metrics import defense_effectiveness_rating
-from certkit.models import Normalize, build_model
 from purifiers._common import find_head
 
 TARGET = 0
@@ -207,7 +207,7 @@ def test_report_der_and_frame(setup, fst_result):
 
 
 def test_evaluate_accepts_an_attack_and_target(setup, ft_result):
-    from certkit.attacks import BadNets
+    from certkit.backdoor.attacks import BadNets
 
     _, purified, report = ft_result
     again = purifiers.evaluate(setup["model"], purified, setup["test"], BadNets(), TARGET, device="cpu")

@@ -10,9 +10,9 @@ from conftest import same_state, state_of
 from torch import nn
 
 import purifiers
-from certkit.data import ArrayDataset
+from certkit.backdoor.data import ArrayDataset
+from certkit.backdoor.models import Normalize, build_model
 from certkit.errors import InputError
-from certkit.models import Normalize, build_model
 from purifiers.npd import NeuralPolarizer, Polarized, find_insertion_point
 
 TARGET = 0

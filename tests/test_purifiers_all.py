@@ -10,9 +10,9 @@ from conftest import same_state, state_of
 from torch import nn
 
 import purifiers
-from certkit.data import ArrayDataset
+from certkit.backdoor.data import ArrayDataset
+from certkit.backdoor.models import Normalize, build_model
 from certkit.errors import InputError, UnknownNameError
-from certkit.models import Normalize, build_model
 
 ARCHITECTURES = {
     "digits-cnn": (1, 8, 8),

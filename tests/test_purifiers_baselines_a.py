@@ -9,13 +9,13 @@ import math
 
 import pytest
 import torch
-from conftest import same_state, state_of
+from conftest import one_thread, same_state, state_of
 from torch import nn
 
 import purifiers
-from certkit.data import ArrayDataset
+from certkit.backdoor.data import ArrayDataset
+from certkit.backdoor.models import build_model
 from certkit.errors import InputError
-from certkit.models import build_model
 from purifiers._common import find_head, split_validation
 from purifiers.anp import THRESHOLD_GRID, batchnorm_layers
 from purifiers.fine_pruning import accuracy, prune_until
@@ -116,7 +116,8 @@ def test_prune_until_keeps_the_mask_before_the_threshold():
 def anp_run(backdoored_digits_bn):
     fx = backdoored_digits_bn
     method = purifiers.make("anp", **ANP_PARAMS, device="cpu")
-    out = method.purify(fx["model"], fx["clean"], seed=0)
+    with one_thread():
+        out = method.purify(fx["model"], fx["clean"], seed=0)
     return method, out, _report(fx, out)
 
 
@@ -233,22 +234,26 @@ def test_nad_feature_maps_are_found_by_structure(arch, shape, expected):
 def ibau_run(backdoored_digits):
     fx = backdoored_digits
     method = purifiers.make("i-bau", **IBAU_PARAMS, device="cpu")
-    out = method.purify(fx["model"], fx["clean"], seed=0)
+    with one_thread():
+        out = method.purify(fx["model"], fx["clean"], seed=0)
     return method, out, _report(fx, out)
 
 
-IBAU_PARAMS = dict(portion=1.0, lr=3e-4, batch_size=64)
+IBAU_PARAMS = dict(portion=1.0, lr=5e-4, batch_size=64)
 
 
 def test_ibau_lowers_asr_on_digits(ibau_run):
     _, _, r = ibau_run
     # At the official defaults (lr 1e-4, 1% of each batch perturbed) the 251 clean images give 10 tiny Adam
-    # steps: CA 0.957 -> 0.944, ASR 0.981 -> 0.992 (no effect). With every sample perturbed (portion 1.0),
-    # lr 3e-4 and batch 64 (20 steps), observed (seed 0): CA 0.957 -> 0.848, ASR 0.981 -> 0.442; lr 1e-3
-    # removes the backdoor but collapses CA (0.28). Margins: ASR below 0.7, CA within 0.15.
+    # steps: CA 0.957 -> 0.944, ASR 0.981 -> 0.992 (no effect). With every sample perturbed (portion 1.0) and
+    # batch 64 (20 steps), I-BAU on digits is unstable: at lr 3e-4 the ASR after it was 0.44 with two torch
+    # threads and 0.86 with one (the same seed; only the order of float sums differs). At lr 5e-4 (this test,
+    # run on one thread so that every machine computes the same): CA 0.957 -> 0.680, ASR 0.98 -> 0.031 (two
+    # threads: 0.644 / 0.097); lr 1e-3 collapses CA (0.28). It removes the backdoor at a large CA cost.
+    # Margins: ASR below 0.2, CA within 0.35.
     assert r.asr_before > 0.9
-    assert r.asr_after < 0.7
-    assert r.ca_after > r.ca_before - 0.15
+    assert r.asr_after < 0.2
+    assert r.ca_after > r.ca_before - 0.35
 
 
 def test_ibau_hypergradient_matches_closed_form_on_a_quadratic():

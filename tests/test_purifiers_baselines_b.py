@@ -14,9 +14,9 @@ from conftest import same_state, state_of
 from torch import nn
 
 import purifiers
-from certkit.data import ArrayDataset, load_digits
+from certkit.backdoor.data import ArrayDataset, load_digits
+from certkit.backdoor.models import Normalize, build_model
 from certkit.errors import InputError
-from certkit.models import Normalize, build_model
 from purifiers.clp import channel_lipschitz, conv_bn_pairs
 from purifiers.ft_sam import asam_perturbation
 from purifiers.reactivation import reactivate, reactivation_asr

@@ -16,9 +16,9 @@ from conftest import same_state, state_of
 from torch import nn
 
 import purifiers
-from certkit.data import ArrayDataset
+from certkit.backdoor.data import ArrayDataset
+from certkit.backdoor.models import Normalize, build_model
 from certkit.errors import InputError
-from certkit.models import Normalize, build_model
 from purifiers._common import split_validation
 from purifiers.tsbd import (
     OFFICIAL_N_CANDIDATES,

@@ -14,9 +14,9 @@ from torch import nn
 from torch.func import functional_call
 
 import purifiers
-from certkit.data import ArrayDataset
+from certkit.backdoor.data import ArrayDataset
+from certkit.backdoor.models import Normalize, build_model
 from certkit.errors import InputError
-from certkit.models import Normalize, build_model
 from purifiers._common import find_head
 from purifiers._curves import bezier_point, fit_bezier_curve, parameters_of, update_bn
 from purifiers._permutation import (

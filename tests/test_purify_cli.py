@@ -10,18 +10,14 @@ import torch
 from torch import nn
 
 import purifiers
+from certkit.backdoor.prepare import draw_clean_indices
+from certkit.backdoor.prepare import prepare_data as prepare
 from certkit.cli import main
 from certkit.errors import InputError
-from certkit.experiments import TrainConfig, prepare
-from certkit.purify_runs import (
-    build_model_from_spec,
-    default_clean_fraction,
-    draw_clean_indices,
-    load_run_model,
-    parse_params,
-    purified_spec,
-)
-from certkit.records import RunDirectory
+from certkit.runs.models import build_model_from_spec
+from certkit.runs.purify import default_clean_fraction, load_run_model, parse_params, purified_spec
+from certkit.runs.rundir import RunDirectory
+from certkit.runs.single import TrainConfig
 
 CPU = ["--device", "cpu", "--no-progress"]
 
@@ -166,7 +162,7 @@ def test_draw_clean_indices_excludes_and_is_seeded():
 
 
 def test_unknown_structure_is_refused():
-    from certkit.models import build_model
+    from certkit.backdoor.models import build_model
 
     model = build_model("digits-cnn", num_classes=10, input_shape=(1, 8, 8))
     assert purified_spec(model, model.certkit_spec) == model.certkit_spec

@@ -1,4 +1,4 @@
-"""Tests of certkit.records: run directories, atomic writes, verified checkpoints."""
+"""Tests of certkit.runs.rundir: run directories, atomic writes, verified checkpoints."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from certkit import records
+from certkit import io as records
 from certkit.errors import InputError, RecordError
-from certkit.records import MANIFEST, SCHEMA_VERSION, RunDirectory
+from certkit.runs.rundir import MANIFEST, SCHEMA_VERSION, RunDirectory
 
 CONFIG = {"dataset": "digits", "sigma": 0.25, "seeds": (0, 1), "n": 1000, "model": {"arch": "mlp"}}
 
@@ -295,9 +295,9 @@ def test_truncated_checkpoint(run: RunDirectory) -> None:
     data = path.read_bytes()
     _record_forged(run, "trunc", data[: len(data) // 2])
     r = RunDirectory.open(run.path)
-    with pytest.raises(RecordError, match="corrupt or contains non-tensor objects") as info:
+    with pytest.raises(RecordError, match="is corrupt: torch cannot read it") as info:
         r.load_state_dict("trunc")
-    assert "NOT unpickled" in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 class _Exploit:
@@ -344,9 +344,11 @@ def test_malicious_pickle_is_refused_and_not_run(run: RunDirectory, tmp_path: Pa
     assert not marker.exists()
     _record_forged(run, "evil", data)
     r = RunDirectory.open(run.path)
-    with pytest.raises(RecordError, match="NOT unpickled"):
+    with pytest.raises(RecordError, match="is refused: it is not a plain tensor state dict") as info:
         r.load_state_dict("evil")
-    with pytest.raises(RecordError, match="NOT unpickled"):
+    message = str(info.value)
+    assert "weights_only" not in message and "\n" not in message  # no hint to retry unsafely, one line
+    with pytest.raises(RecordError, match="is refused: it is not a plain tensor state dict"):
         r.load_model("evil", builder=build)
     assert not marker.exists()
     assert r.verify() == []  # the hashes match: only the safe loader protects us
@@ -503,3 +505,15 @@ def test_updates_from_two_handles_are_merged(run: RunDirectory) -> None:
     run.record_seed("a", 1)
     other.record_seed("b", 2)  # re-reads the manifest before writing: nothing is lost
     assert RunDirectory.open(run.path).manifest["seeds"] == {"a": 1, "b": 2}
+
+
+def test_save_model_with_a_step_records_model_step_and_timing_in_one_update(run: RunDirectory) -> None:
+    writes = []
+    original = run._update
+    run._update = lambda mutate: (writes.append(1), original(mutate))[1]  # count manifest updates
+    run.save_model("m", _trained_small(), SPEC, step="train/m", seconds=1.5, final_loss=0.25)
+    assert len(writes) == 1  # killed at any moment: the model with its step and timing, or none of them
+    m = json.loads((run.path / MANIFEST).read_text())
+    assert m["timings"]["train/m"] == 1.5 and m["steps"]["train/m"]["done"] is True
+    assert m["steps"]["train/m"]["sha256"] == m["models"]["m"]["sha256"]
+    assert m["steps"]["train/m"]["final_loss"] == 0.25

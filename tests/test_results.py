@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from certkit.certify.results import CertificationResult
 from certkit.errors import InputError
-from certkit.results import CertificationResult
 
 DATA = Path(__file__).parent / "data" / "cohen2019-cifar10-certify"
 
@@ -116,7 +116,7 @@ def test_invalid_rows_are_rejected(kwargs, message):
 
 
 def test_plot_draws_one_line_per_result(tmp_path):
-    from certkit.plots import plot_certified_accuracy, save_figure
+    from certkit.certify.plots import plot_certified_accuracy, save_figure
 
     results = [load_cohen(s) for s in ("0.25", "0.50")]
     ax = plot_certified_accuracy(results, labels=["0.25", "0.50"], markers=[0.5])

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from scipy import stats
 from torch import nn
 
+from certkit.certify.sigma import DEFAULT_STEPS, SigmaResult, optimize_sigma, proxy_radius
 from certkit.errors import InputError, RecordError
-from certkit.sigma import DEFAULT_STEPS, SigmaResult, optimize_sigma, proxy_radius
 
 PHI_INV_098 = 2.0537489106318225
 

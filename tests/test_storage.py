@@ -1,4 +1,4 @@
-"""Specification of certkit.storage: storage-update (memory-based) certification (DESIGN.md section 2;
+"""Specification of certkit.certify.storage: storage-update (memory-based) certification (DESIGN.md section 2;
 certification-notes.md 1.e and 3.2): align, trim, maximise, store; the invariant; order; persistence."""
 
 from __future__ import annotations
@@ -12,9 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.special import ndtri
 
+from certkit.certify.results import CertificationResult
+from certkit.certify.storage import (
+    STORE_FORMAT_VERSION,
+    CertifiedStore,
+    StorageCertifier,
+    StorageResult,
+    _distance_rtol,
+)
 from certkit.errors import InputError, RecordError
-from certkit.results import CertificationResult
-from certkit.storage import STORE_FORMAT_VERSION, CertifiedStore, StorageCertifier, StorageResult
 
 # ---------------------------------------------------------------- helpers
 
@@ -33,9 +39,12 @@ def reference_storage(x, pred, rad, order, tie_last=False):
     """A plain NumPy storage update, point by point, distances to the whole current store.
 
     Returns (prediction, radius, flags (1 align, 2 trim, 4 maximise), covered_by, store labels, store radii).
+    An abstention inside a stored ball is aligned (takes the deepest ball's label and depth); the trim bound
+    ``D_j - r_j`` carries the module's rounding margin (``D_j (1 - _distance_rtol(d))``, then ``* (1 - 4u)``).
     """
     n = x.shape[0]
     x = np.asarray(x, dtype=np.float64).reshape(n, -1)
+    keep = 1.0 - _distance_rtol(x.shape[1])
     centers, labels, radii = [], [], []
     out_pred = np.asarray(pred, dtype=np.int64).copy()
     out_rad = np.where(out_pred >= 0, rad, 0.0).astype(np.float64)
@@ -53,7 +62,7 @@ def reference_storage(x, pred, rad, order, tie_last=False):
             depth = np.where(inside, rr - dist, -np.inf)
             ties = np.flatnonzero(depth == depth.max())
             covered[row] = ties[-1] if tie_last else ties[0]
-        if y < 0:
+        if y < 0 and not inside.any():
             continue
         other = inside & (lab != y)
         if other.any():  # align
@@ -61,8 +70,12 @@ def reference_storage(x, pred, rad, order, tie_last=False):
             j = int(np.argmax(dep))
             y, r = lab[j], rr[j] - dist[j]
             flags[row] |= 1
-        oth = lab != y  # trim (after aligning, against every other label)
-        bound = max(0.0, float((dist[oth] - rr[oth]).min())) if oth.any() else np.inf
+        oth = lab != y  # trim (after aligning, against every other label), with the rounding margin
+        if oth.any():
+            b = (dist[oth] * keep - 2.0**-500) - rr[oth]
+            bound = max(0.0, float((np.where(b > 0, b * (1 - 2.0**-51), 0.0)).min()))
+        else:
+            bound = np.inf
         if r > bound:
             r = bound
             flags[row] |= 2
@@ -167,23 +180,31 @@ def test_trimmed_to_zero_keeps_the_prediction_but_is_not_stored():
     assert len(res.store) == 1 and res.n_trimmed == 1 and res.n_stored == 1
 
 
-def test_abstention_inside_a_ball_stays_abstaining_but_is_reported():
+def test_abstention_inside_a_ball_reports_the_stored_label():
+    # formerly "stays abstaining": an abstention inside a stored ball now reports the deployed answer, the
+    # stored label with the align step's radius r_j - D_j (soundness issue, storage item)
     x = np.array([[0.0, 0.0], [0.5, 0.5], [9.0, 9.0]])
-    res = StorageCertifier().certify(x, make_cert([3, -1, -1], [2.0, 0.0, 0.0]))
-    np.testing.assert_array_equal(res.result.prediction, [3, -1, -1])
-    np.testing.assert_array_equal(res.result.radius, [2.0, 0.0, 0.0])
+    res = StorageCertifier().certify(x, make_cert([3, -1, -1], [2.0, 0.0, 0.0], label=[3, 3, 1]))
+    np.testing.assert_array_equal(res.result.prediction, [3, 3, -1])
+    np.testing.assert_allclose(res.result.radius, [2.0, 2.0 - np.sqrt(0.5), 0.0], rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(res.result.correct, [True, True, False])
     np.testing.assert_array_equal(res.covered_by, [-1, 0, -1])
-    np.testing.assert_array_equal(res.stored_as, [0, -1, -1])
+    np.testing.assert_array_equal(res.adopted, [False, True, False])
+    np.testing.assert_array_equal(res.aligned, [False, True, False])
+    np.testing.assert_array_equal(res.stored_as, [0, 1, -1])
     assert res.counts()["n_covered_abstentions"] == 1
     labels, covered = res.store.predict(x)
     np.testing.assert_array_equal(labels, [3, 3, -1])  # the memory classifier answers inside the ball
+    np.testing.assert_array_equal(labels, res.result.prediction)
     np.testing.assert_array_equal(covered, [True, True, False])
 
 
 def test_touching_balls_are_allowed_and_boundary_points_are_not_inside():
     x = np.array([[0.0], [2.0], [1.0]])
     res = StorageCertifier().certify(x, make_cert([0, 1, 1], [1.0, 1.0, 0.5]))
-    np.testing.assert_array_equal(res.result.radius[:2], [1.0, 1.0])
+    # the second ball is trimmed a few ulps of the distance below 2 - 1 (exact invariant)
+    np.testing.assert_allclose(res.result.radius[:2], [1.0, 1.0], rtol=0, atol=1e-14)
+    assert res.result.radius[1] < 1.0
     assert res.store.check_invariant()
     assert res.covered_by[2] == -1  # the touching point lies on both surfaces, inside neither
     assert res.result.radius[2] == 0.0 and res.result.prediction[2] == 1
@@ -285,10 +306,15 @@ def test_storage_properties(seed, n, d, classes, scale, shuffle):
     depth_bound = store.radii[res.covered_by[grown]] - np.linalg.norm(
         x[grown] - store.centers[res.covered_by[grown]], axis=1)
     assert np.all(res.result.radius[grown] <= depth_bound * (1 + 1e-12) + 1e-15)
-    # abstentions untouched, never stored; stored rows have radius > 0 and their final label
+    # abstentions: inside a ball (when processed) they report the store's answer, else stay -1, unstored
     abst = cert.prediction < 0
-    assert np.all(res.result.prediction[abst] == -1) and np.all(res.result.radius[abst] == 0)
-    assert np.all(res.stored_as[abst] == -1)
+    adopted = abst & (res.covered_by >= 0)
+    np.testing.assert_array_equal(res.adopted, adopted)
+    if adopted.any():
+        np.testing.assert_array_equal(res.result.prediction[adopted], store.predict(x[adopted])[0])
+    lone = abst & ~adopted
+    assert np.all(res.result.prediction[lone] == -1) and np.all(res.result.radius[lone] == 0)
+    assert np.all(res.stored_as[lone] == -1)
     stored = res.stored_as >= 0
     np.testing.assert_array_equal(store.labels[res.stored_as[stored]], res.result.prediction[stored])
     np.testing.assert_array_equal(store.radii[res.stored_as[stored]], res.result.radius[stored])

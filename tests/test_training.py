@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from certkit.data import ArrayDataset, load_digits
+from certkit.backdoor.data import ArrayDataset, load_digits
+from certkit.backdoor.models import build_model
+from certkit.backdoor.training import TrainingHistory, train_model
 from certkit.errors import InputError
-from certkit.models import build_model
-from certkit.training import TrainingHistory, train_model
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_diverging_loss_raises_clear_error():
 
 
 def test_noise_finetune_returns_a_tuned_copy_and_keeps_the_input():
-    from certkit.training import noise_finetune
+    from certkit.backdoor.training import noise_finetune
 
     splits = load_digits()
     torch.manual_seed(0)

@@ -1,0 +1,1 @@
+"""backdoor layer (see certkit/__init__.py for the layering)."""

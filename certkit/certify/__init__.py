@@ -1,0 +1,1 @@
+"""certify layer (see certkit/__init__.py for the layering)."""

@@ -1,0 +1,422 @@
+"""End-to-end experiments on a run directory: train (possibly backdoored) models, certify them with
+test-time smoothing, and report. The CLI (``certkit train | certify | report | demo``) is a thin layer
+over these functions.
+
+A *single-model run* (``kind="single"``) holds, for one dataset and one attack, one model per training
+noise level: ``undefended`` (trained without noise) and ``noise-<sigma>`` (trained with Gaussian noise
+augmentation at ``sigma``, the base model Cohen et al. smooth at that sigma). Each model is certified on
+the clean test set and on the triggered non-target test inputs. Every step is resumable: a model whose
+checkpoint verifies is not retrained, a certificate file whose settings match is not recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from certkit._validation import check_alpha, check_choice, check_float, check_positive_int, check_seed
+from certkit.backdoor.metrics import empirical_metrics
+from certkit.backdoor.models import MODELS, build_model
+from certkit.backdoor.prepare import DATA_FIELDS, check_data_fields, prepare_data
+from certkit.backdoor.training import train_model
+from certkit.certify.metrics import certified_trigger_robustness
+from certkit.certify.results import CertificationResult
+from certkit.certify.sigma import SigmaResult, optimize_sigma
+from certkit.certify.smoothing import RandomizedSmoothing
+from certkit.certify.storage import StorageCertifier
+from certkit.runs.defaults import CERTIFY, TRAIN
+from certkit.devices import resolve_device
+from certkit.runs.models import purified_noise_sigmas
+from certkit.errors import InputError, RecordError
+from certkit.runs.models import build_model_from_spec
+from certkit.runs.plots import write_plots, write_purified_plot
+from certkit.runs.rundir import RunDirectory
+
+RUN_KIND = "single"
+SIGMA_MODES = ("fixed", "sample-specific")
+DEFAULT_RADII = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+
+
+def model_name_for(sigma: float) -> str:
+    """Name of the model trained at noise level ``sigma`` (``undefended`` for 0)."""
+    return "undefended" if sigma == 0 else f"noise-{sigma:g}"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines the trained models of a single-model run (stored in the manifest)."""
+
+    dataset: str = TRAIN["dataset"]
+    model: str = TRAIN["model"]
+    attack: str = TRAIN["attack"]
+    attack_params: dict[str, Any] = field(default_factory=dict)
+    poison_rate: float = TRAIN["poison_rate"]
+    target: int = TRAIN["target"]
+    epochs: int = TRAIN["epochs"]
+    lr: float = TRAIN["lr"]
+    batch_size: int = TRAIN["batch_size"]
+    noise_sigmas: tuple[float, ...] = TRAIN["noise_sigmas"]
+    seed: int = TRAIN["seed"]
+    data_root: str | None = None
+
+    def __post_init__(self) -> None:
+        for k, v in check_data_fields(**{k: getattr(self, k) for k in DATA_FIELDS}).items():
+            setattr(self, k, v)
+        check_choice(self.model, MODELS, "model")
+        self.epochs = check_positive_int(self.epochs, "epochs")
+        self.lr = check_float(self.lr, "lr", strict=True)
+        self.batch_size = check_positive_int(self.batch_size, "batch_size")
+        self.noise_sigmas = tuple(check_float(s, "noise sigma") for s in self.noise_sigmas)
+        if any(not math.isfinite(s) or s < 0 for s in self.noise_sigmas):
+            raise InputError(f"noise sigmas must be finite and >= 0, got {self.noise_sigmas}")
+        if len(set(self.noise_sigmas)) != len(self.noise_sigmas):
+            raise InputError(f"noise sigmas must be distinct, got {self.noise_sigmas}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["noise_sigmas"] = list(self.noise_sigmas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"unknown training config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+def train_run(run: RunDirectory, *, device: str = "auto", progress: bool = True, download: bool = False,
+              log: Any = print) -> dict[str, dict[str, Any]]:
+    """Train every model of the run that is not already saved; return their empirical metrics.
+
+    The metrics (CA, ASR, RA) are also written to ``summary.json`` under ``"empirical"``.
+    """
+
+    cfg = TrainConfig.from_dict(run.config["train"])
+    exp = prepare_data(cfg, download=download)
+    for key, sha in exp.data_hashes.items():
+        run.record_data_hash(key, sha)
+    run.record_seed("train", cfg.seed)
+    results: dict[str, dict[str, Any]] = {}
+    for sigma in cfg.noise_sigmas:
+        name = model_name_for(sigma)
+        if run.has_model(name):
+            model = run.load_model(name)
+            log(f"[train] {name}: checkpoint verified, not retrained")
+        else:
+            torch.manual_seed(cfg.seed)
+            model = build_model(cfg.model, num_classes=exp.splits.num_classes, input_shape=exp.splits.input_shape,
+                                mean=exp.splits.mean, std=exp.splits.std)
+            t0 = time.perf_counter()
+            history = train_model(model, exp.poisoned.dataset, epochs=cfg.epochs, lr=cfg.lr,
+                                  batch_size=cfg.batch_size, noise_sigma=sigma, seed=cfg.seed, device=device,
+                                  progress=progress, desc=f"train {name}")
+            run.save_model(name, model, model.certkit_spec, step=f"train/{name}", seconds=time.perf_counter() - t0,
+                           final_loss=history.loss[-1] if history.loss else None)
+        m = empirical_metrics(model, exp.splits.test.x, exp.splits.test.y, exp.triggered, device=device)
+        results[name] = {"noise_sigma": sigma, **m.to_dict()}
+        log(f"[train] {name}: CA {m.clean_accuracy:.3f}  ASR {m.attack_success_rate:.3f}  RA {m.robust_accuracy:.3f}")
+    summary = run.read_summary()
+    summary["empirical"] = results
+    summary["attack"] = {**exp.attack.config(), "target": cfg.target, "poison_rate": cfg.poison_rate,
+                         "n_poisoned": int(len(exp.poisoned.poison_indices)),
+                         "trigger_norm_mean": float(exp.triggered.trigger_norms.double().mean())
+                         if len(exp.triggered.trigger_norms) else None}
+    summary["dataset"] = {"name": exp.splits.name, "n_train": len(exp.splits.train), "n_test": len(exp.splits.test),
+                          "num_classes": exp.splits.num_classes, "input_shape": list(exp.splits.input_shape)}
+    run.write_json("summary.json", summary)
+    return results
+
+
+@dataclass
+class CertifyConfig:
+    """Settings of test-time smoothing for a run's models."""
+
+    pairs: tuple[tuple[str, float], ...]  # (model name, sigma)
+    n0: int = CERTIFY["n0"]
+    n: int = CERTIFY["n"]
+    alpha: float = CERTIFY["alpha"]
+    seed: int = CERTIFY["seed"]
+    batch_size: int = CERTIFY["batch_size"]
+    max_points: int | None = None
+    radii: tuple[float, ...] = DEFAULT_RADII
+    dataset: str | None = None  # certify on another dataset than the run's (same shape and classes)
+    data_root: str | None = None
+    sigma_modes: tuple[str, ...] = CERTIFY["sigma_modes"]
+    sigma_steps: int = CERTIFY["sigma_steps"]
+    sigma_lr: float = CERTIFY["sigma_lr"]
+
+    def __post_init__(self) -> None:
+        self.n0 = check_positive_int(self.n0, "n0")
+        self.n = check_positive_int(self.n, "n")
+        self.alpha = check_alpha(self.alpha)
+        self.seed = check_seed(self.seed)
+        self.batch_size = check_positive_int(self.batch_size, "batch_size")
+        if self.max_points is not None:
+            self.max_points = check_positive_int(self.max_points, "max_points")
+        self.sigma_modes = tuple(self.sigma_modes)
+        if not self.sigma_modes:
+            raise InputError("sigma_modes must name at least one of " + ", ".join(SIGMA_MODES))
+        for m in self.sigma_modes:
+            check_choice(m, SIGMA_MODES, "sigma mode")
+        self.sigma_steps = check_positive_int(self.sigma_steps, "sigma_steps")
+        self.sigma_lr = check_float(self.sigma_lr, "sigma_lr", strict=True)
+        self.pairs = tuple((str(m), check_float(sg, f"sigma of model {m!r}", strict=True)) for m, sg in self.pairs)
+        if not self.pairs:
+            raise InputError("nothing to certify: give at least one (model, sigma) pair")
+
+
+def _check_compatible(spec: dict[str, Any], splits: Any, model_name: str) -> None:
+    """Refuse to certify a model on data of another shape or number of classes."""
+    kw = spec.get("kwargs", {})
+    want = (kw.get("num_classes"), tuple(kw.get("input_shape", ())))
+    have = (splits.num_classes, tuple(splits.input_shape))
+    if want != have:
+        raise InputError(f"model {model_name!r} expects {want[0]} classes and inputs {want[1]}, but dataset "
+                         f"{splits.name!r} has {have[0]} classes and inputs {have[1]}")
+
+
+def _cert_file(model: str, sigma: float, which: str) -> str:
+    return f"certificates/{model}__sigma-{sigma:g}__{which}.csv"
+
+
+def _load_or_certify(run: RunDirectory, key: str, settings: dict[str, Any], compute: Any) -> CertificationResult:
+    """Reuse ``key`` (a CSV in the run) when its stored settings match, else compute and store it."""
+    meta_key = key.replace(".csv", ".json")
+    try:
+        stored = run.read_json(meta_key)
+        if stored.get("settings") == json.loads(json.dumps(settings)):
+            frame = run.read_frame(key)
+            return CertificationResult.from_frame(frame, meta=stored.get("meta", {}))
+    except (RecordError, FileNotFoundError, OSError, KeyError, ValueError):
+        pass
+    result: CertificationResult = compute()
+    run.write_frame(key, result.to_frame())
+    run.write_json(meta_key, {"settings": settings, "meta": result.meta})
+    return result
+
+
+def certify_run(run: RunDirectory, cfg: CertifyConfig, *, device: str = "auto", progress: bool = True,
+                download: bool = False, log: Any = print) -> list[dict[str, Any]]:
+    """Certify each (model, sigma) of ``cfg`` on the clean and the triggered test sets, in each sigma mode.
+
+    ``fixed``: Cohen CERTIFY at ``sigma``. ``sample-specific`` (Cert-SSB / DDRS): per-point sigmas from
+    :func:`certkit.optimize_sigma` started at ``sigma`` on the clean test image (reused for its triggered
+    copy, as Cert-SSB does), CERTIFY with each point's own sigma (the sigma that samples the noise is the
+    one in the radius), then :class:`certkit.StorageCertifier` in the test set's order, whose store
+    (``stores/*.npz``) is part of the certified classifier: inside a stored ball it answers the stored label.
+
+    Writes ``certificates/*.csv``, ``points.csv`` (every row, with ``model``, ``sigma_mode`` and ``set``
+    columns), ``summary.json`` (``"certified"`` rows) and ``plots/certified_accuracy.png``.
+    """
+
+    train_cfg = TrainConfig.from_dict(run.config["train"])
+    if cfg.dataset is not None:
+        train_cfg = replace(train_cfg, dataset=cfg.dataset, data_root=cfg.data_root)
+    exp = prepare_data(train_cfg, download=download)
+    test, trig = exp.splits.test, exp.triggered
+    if cfg.max_points is not None:  # a fixed-seed subsample of the test set, the same for every model
+        rng = np.random.default_rng(cfg.seed)
+        keep = np.sort(rng.permutation(len(test))[: cfg.max_points])
+        keep_trig = np.flatnonzero(np.isin(np.asarray(trig.indices), keep))
+    else:
+        keep, keep_trig = np.arange(len(test)), np.arange(len(trig.x))
+    # position in `keep` of each kept triggered input's clean counterpart (its sample-specific sigma)
+    clean_pos = np.searchsorted(keep, np.asarray(trig.indices)[keep_trig])
+    rows: list[dict[str, Any]] = []
+    frames: list[pd.DataFrame] = []
+    clean_results: list[CertificationResult] = []
+    named_results: list[tuple[str, CertificationResult]] = []
+    for model_name, sigma in cfg.pairs:
+        model = run.load_model(model_name, builder=build_model_from_spec, device="cpu")
+        _check_compatible(run.model_spec(model_name), exp.splits, model_name)
+        base = {"model": model_name, "model_sha256": run.manifest["models"][model_name]["sha256"],
+                "sigma": sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "seed": cfg.seed,
+                "max_points": cfg.max_points, "dataset": train_cfg.dataset, "test_sha256": test.sha256()}
+        for mode in cfg.sigma_modes:
+            t0 = time.perf_counter()
+            tag = "" if mode == "fixed" else "__ssb"
+            label = f"{model_name}, sigma={sigma:g}" + ("" if mode == "fixed" else " (sample-specific)")
+            settings = dict(base, sigma_mode=mode)
+            storage_counts: dict[str, int] | None = None
+            if mode == "fixed":
+                clean_sigma: Any = sigma
+                trig_sigma: Any = sigma
+            else:
+                settings.update(sigma_steps=cfg.sigma_steps, sigma_lr=cfg.sigma_lr)
+                sig = _sample_specific_sigmas(run, model, model_name, sigma, test.x[keep], settings, cfg, device,
+                                              progress)
+                clean_sigma, trig_sigma = torch.as_tensor(sig), torch.as_tensor(sig[clean_pos])
+            clean = _load_or_certify(
+                run, _cert_file(model_name + tag, sigma, "clean"), {**settings, "set": "clean"},
+                partial(RandomizedSmoothing(model, exp.splits.num_classes, clean_sigma, batch_size=cfg.batch_size,
+                                            device=device, seed=cfg.seed, progress=progress).certify,
+                        test.x[keep], test.y[keep], n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, ids=torch.as_tensor(keep),
+                        trigger_norm=exp.test_trigger_norms[keep], name=label))
+            triggered = _load_or_certify(
+                run, _cert_file(model_name + tag, sigma, "triggered"), {**settings, "set": "triggered"},
+                partial(RandomizedSmoothing(model, exp.splits.num_classes, trig_sigma, batch_size=cfg.batch_size,
+                                            device=device, seed=cfg.seed, progress=progress).certify,
+                        trig.x[keep_trig], trig.y_true[keep_trig], n0=cfg.n0, n=cfg.n, alpha=cfg.alpha,
+                        ids=torch.as_tensor(np.asarray(trig.indices)[keep_trig]) + len(test), triggered=True,
+                        trigger_norm=trig.trigger_norms[keep_trig], name=label))
+            deployed_trig = triggered.prediction
+            if mode == "sample-specific":
+                clean, storage_counts, deployed_trig = _storage_update(run, model_name, sigma, test.x[keep], clean,
+                                                                       trig.x[keep_trig], triggered)
+            run.record_timing(f"certify/{model_name}/sigma-{sigma:g}/{mode}", time.perf_counter() - t0)
+            clean.meta["name"] = label
+            clean_results.append(clean)
+            if mode == "fixed":
+                named_results.append((model_name, clean))
+            rows.append(_summary_row(model_name, sigma, mode, clean, triggered, deployed_trig, train_cfg.target,
+                                     cfg, storage_counts))
+            r = rows[-1]
+            log(f"[certify] {label}: certified acc@0 {r['smoothed_clean_accuracy']:.3f}  ACR {r['acr']:.3f}  "
+                f"CTR {r['certified_trigger_robustness']:.3f}  smoothed ASR {r['smoothed_asr']:.3f}"
+                + (f"  store: {storage_counts}" if storage_counts else ""))
+            for res, which in ((clean, "clean"), (triggered, "triggered")):
+                f = res.to_frame()
+                f.insert(0, "set", which)
+                f.insert(0, "base_sigma", sigma)
+                f.insert(0, "sigma_mode", mode)
+                f.insert(0, "model", model_name)
+                frames.append(f)
+    if frames:
+        run.write_frame("points.csv", pd.concat(frames, ignore_index=True))
+    summary = run.read_summary()
+    summary["certified"] = rows
+    summary["certify_settings"] = {"n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "seed": cfg.seed,
+                                   "max_points": cfg.max_points, "radii": list(cfg.radii),
+                                   "sigma_modes": list(cfg.sigma_modes)}
+    run.write_json("summary.json", summary)
+    if clean_results:
+        norms = trig.trigger_norms.double()
+        write_plots(run, clean_results, float(norms.median()) if len(norms) else None)
+
+        write_purified_plot(run, named_results, float(norms.median()) if len(norms) else None)
+    return rows
+
+
+def _summary_row(model_name: str, sigma: float, mode: str, clean: CertificationResult,
+                 triggered: CertificationResult, deployed_trig: np.ndarray, target: int, cfg: CertifyConfig,
+                 storage_counts: dict[str, int] | None) -> dict[str, Any]:
+    ctr = certified_trigger_robustness(clean, target=target)
+    return {
+        "model": model_name, "sigma": sigma, "sigma_mode": mode, "n_clean": len(clean),
+        "n_triggered": len(triggered), "smoothed_clean_accuracy": clean.accuracy(), "acr": clean.acr(),
+        "abstain_rate": clean.abstain_rate(),
+        "certified_accuracy": {f"{r:g}": float(a) for r, a in
+                               zip(cfg.radii, np.atleast_1d(clean.certified_accuracy(list(cfg.radii))))},
+        "certified_trigger_robustness": ctr,
+        "certified_asr_upper_bound": (1.0 - ctr) if not math.isnan(ctr) else None,
+        "smoothed_asr": float(np.mean(deployed_trig == target)) if len(triggered) else float("nan"),
+        "smoothed_robust_accuracy": float(np.mean(deployed_trig == triggered.label)) if len(triggered) else float("nan"),
+        "triggered_abstain_rate": float(np.mean(deployed_trig < 0)) if len(triggered) else float("nan"),
+        "sigma_mean": float(np.mean(clean.sigma)) if len(clean) else float("nan"),
+        "storage": storage_counts,
+        "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
+    }
+
+
+def _sample_specific_sigmas(run: RunDirectory, model: Any, model_name: str, sigma: float, x: torch.Tensor,
+                            settings: dict[str, Any], cfg: CertifyConfig, device: str, progress: bool) -> np.ndarray:
+    """Per-point sigmas by SGA (cached in ``sigmas/`` while the settings match)."""
+
+    rel = f"sigmas/{model_name}__sigma-{sigma:g}.npz"
+    meta_rel = rel.replace(".npz", ".json")
+    want = json.loads(json.dumps({k: settings[k] for k in ("model_sha256", "sigma", "seed", "max_points",
+                                                            "test_sha256", "sigma_steps", "sigma_lr")}))
+    try:
+        if run.read_json(meta_rel) == want:
+            run.read_bytes(rel)  # hash check
+            return SigmaResult.load(run.file(rel)).sigma
+    except (RecordError, FileNotFoundError, OSError, ValueError):
+        pass
+    res = optimize_sigma(model, x, base_sigma=sigma, steps=cfg.sigma_steps, lr=cfg.sigma_lr, seed=cfg.seed,
+                         device=device, progress=progress)
+    res.save(run.file(rel))
+    run.record_file(rel)
+    run.write_json(meta_rel, want)
+    return np.asarray(res.sigma, dtype=np.float64)
+
+
+def _storage_update(run: RunDirectory, model_name: str, sigma: float, x_clean: torch.Tensor,
+                    clean: CertificationResult, x_trig: torch.Tensor, triggered: CertificationResult
+                    ) -> tuple[CertificationResult, dict[str, int], np.ndarray]:
+    """Storage-update the clean certificates (test-set order), save the store, and answer the triggered
+    inputs as the deployed memory classifier does (stored label inside a stored ball, else smoothed)."""
+
+    out = StorageCertifier(order="given").certify(x_clean, clean)
+    rel = f"stores/{model_name}__sigma-{sigma:g}.npz"
+    out.store.save(run.file(rel))
+    run.record_file(rel)
+    labels, covered = out.store.predict(x_trig)
+    deployed = np.where(covered, labels, triggered.prediction)
+    return out.result, out.counts(), deployed
+
+
+
+def train(config: TrainConfig, out: str | Path, *, device: str = "auto", progress: bool = True,
+          download: bool = False, log: Any = print) -> RunDirectory:
+    """``certkit train``: check the whole config against its data first (dataset, target, model), then create
+    (or resume) the run directory ``out`` and train every model of ``config`` that it does not hold yet.
+
+    Nothing is written when a check fails, so a rejected command never leaves a half-made run directory.
+    """
+    resolve_device(device)
+    data = prepare_data(config, download=download)
+    build_model(config.model, num_classes=data.num_classes, input_shape=data.input_shape,
+                mean=data.splits.mean, std=data.splits.std)  # the architecture accepts the data
+    run = RunDirectory.create(out, {"train": config.to_dict()}, kind=RUN_KIND)
+    train_run(run, device=device, progress=progress, download=download, log=log)
+    return run
+
+
+def resolve_pairs(run: RunDirectory, models: Sequence[str] | None = None,
+                  sigmas: Sequence[float] | None = None) -> tuple[tuple[str, float], ...]:
+    """The (model, sigma) pairs to certify: the given ``models`` (default: every noise-trained model) at the
+    given ``sigmas`` (default: each model's own training or noise fine-tune sigma)."""
+    if run.kind != RUN_KIND:
+        raise InputError(f"{run.path} is a {run.kind!r} run; `certkit certify` works on single-model runs "
+                         "(use `certkit ensemble certify` for ensembles)")
+    cfg = TrainConfig.from_dict(run.config["train"])
+    trained = {model_name_for(s): s for s in cfg.noise_sigmas}
+    names = list(models) if models else [m for m, s in trained.items() if s > 0]
+    for m in names:
+        if m not in run.manifest["models"]:
+            raise InputError(f"model {m!r} is not in run {run.path}; available: "
+                             f"{', '.join(run.manifest['models']) or 'none'}")
+    if not names:
+        raise InputError("no noise-trained model in this run: pass --model NAME and --sigma S")
+    if sigmas:
+        return tuple((m, float(s)) for m in names for s in sigmas)
+    trained = {**purified_noise_sigmas(run), **trained}  # noise-fine-tuned purified models: their noise sigma
+    missing = [m for m in names if trained.get(m, 0) <= 0]
+    if missing:
+        raise InputError(f"model(s) {', '.join(missing)} were trained without noise: pass --sigma")
+    return tuple((m, trained[m]) for m in names)
+
+
+def certify(run_dir: str | Path | RunDirectory, *, models: Sequence[str] | None = None,
+            sigmas: Sequence[float] | None = None, device: str = "auto", progress: bool = True,
+            download: bool = False, log: Any = print, **settings: Any) -> RunDirectory:
+    """``certkit certify``: certify ``models`` of a run at ``sigmas`` (see :func:`resolve_pairs`) with the
+    :class:`CertifyConfig` ``settings`` (unknown names are an error); returns the run directory."""
+    run = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory.open(run_dir)
+    known = {f for f in CertifyConfig.__dataclass_fields__ if f != "pairs"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise InputError(f"unknown certify setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    cfg = CertifyConfig(pairs=resolve_pairs(run, models, sigmas), **settings)
+    certify_run(run, cfg, device=device, progress=progress, download=download, log=log)
+    return run
