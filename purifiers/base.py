@@ -1,7 +1,7 @@
 """Base class of post-training purification defenses.
 
-A :class:`Purifier` follows scikit-learn's convention: the constructor only stores keyword parameters,
-work happens in :meth:`Purifier.purify`, which never mutates the model it is given and returns a new,
+A :class:`Purifier` follows scikit-learn's convention: the constructor stores keyword parameters (and
+checks them at once, so a bad value fails before any work), work happens in :meth:`Purifier.purify`, which never mutates the model it is given and returns a new,
 self-contained ``nn.Module`` (normalisation stays its first layer). Capability tags describe what a
 method needs (labels, the default fraction of clean data) and what it changes.
 """
@@ -9,6 +9,7 @@ method needs (labels, the default fraction of clean data) and what it changes.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -51,6 +52,26 @@ class Purifier(ABC):
     #: Fraction of the clean data carved off as the validation split when a method that selects on
     #: validation data is given none.
     validation_fraction: ClassVar[float] = 0.2
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every subclass constructor checks its parameters as soon as it has stored them (``_validate``), so
+        ``purifiers.make("fst", epochs=0)`` fails at once, before any model or data is touched."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def checked_init(self: Purifier, *args: Any, **kw: Any) -> None:
+            init(self, *args, **kw)
+            if type(self) is cls:  # once, after the most derived constructor
+                self._validate()
+
+        cls.__init__ = checked_init  # type: ignore[method-assign]
+
+    def _validate(self) -> dict[str, Any]:
+        """The checked parameters (``InputError`` naming the first bad one); subclasses override it."""
+        return {}
 
     @classmethod
     def _param_names(cls) -> list[str]:

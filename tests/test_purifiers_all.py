@@ -94,3 +94,14 @@ def test_validation_split_is_stratified_and_disjoint():
     assert not any(tuple(r.flatten().tolist()) in rows for r in val.x)
     with pytest.raises(InputError, match="too small"):
         split_validation(_data((1, 8, 8), n=10), 0.2, seed=0)
+
+
+@pytest.mark.parametrize("name", sorted(purifiers.available()))
+def test_bad_parameters_fail_when_the_purifier_is_made_not_when_it_runs(name):
+    params = type(purifiers.make(name))._param_names()
+    bad = next(((p, v) for p, v in (("batch_size", 0), ("epochs", 0), ("lr", -1.0), ("n_iters", 0))
+                if p in params), None)
+    if bad is None:
+        pytest.skip(f"{name} has none of the checked parameters")
+    with pytest.raises(InputError, match=bad[0]):
+        purifiers.make(name, **{bad[0]: bad[1]})
