@@ -16,7 +16,6 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from certkit.devices import DEVICE_CHOICES
 from certkit.errors import CertkitError
 from certkit.runs import defaults as D
 
@@ -24,8 +23,24 @@ EPILOG = ("Run directories hold manifest.json, summary.json, points.csv, models/
           "section Records).")
 
 
+#: registered purification methods (purifiers.available(); repeated here so that --help never imports torch,
+#: a test keeps the two equal)
+PURIFIER_NAMES = ("anp", "clp", "fine-pruning", "fst", "ft", "ft-sam", "i-bau", "nad", "npd", "rnp", "sau", "tsbd",
+                  "tsc")
+#: the --device choices (certkit.devices.DEVICE_CHOICES, repeated here so that --help never imports torch)
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
 class _Parser(argparse.ArgumentParser):
-    """ArgumentParser whose usage errors are one line (``certkit: error: ...``) and exit code 2."""
+    """ArgumentParser whose usage errors are one line (``certkit: error: ...``) and exit code 2, and whose
+    epilog may be computed only when the help is shown (``lazy_epilog``: the purifier list imports torch)."""
+
+    lazy_epilog = None
+
+    def format_help(self) -> str:
+        if self.lazy_epilog is not None:
+            self.epilog = self.lazy_epilog()
+        return super().format_help()
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"certkit: error: {self.prog}: {message} (see --help)\n")
@@ -80,15 +95,6 @@ def _add_certify_flags(p: argparse.ArgumentParser, *, n_default: int) -> None:
                    help="certify a fixed-seed subsample of this many test points (default: all)")
 
 
-def _purifier_names() -> str:
-    try:
-        import purifiers
-
-        return ", ".join(purifiers.available())
-    except ImportError:  # pragma: no cover
-        return "(purifiers package not importable)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``certkit`` argument parser (every flag documented in ``--help``)."""
     parser = _Parser(prog="certkit", description="Certified backdoor robustness: "
@@ -139,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_integer, default=None, help=f"training batch size (default: {D.TRAIN['batch_size']})")
     train.add_argument("--noise-sigmas", type=_nonneg_float, nargs="+", default=None,
                        help=f"train one model per Gaussian augmentation level; 0 = undefended (default: {' '.join(f'{s:g}' for s in D.TRAIN['noise_sigmas'])})")
+    train.add_argument("--ablation", choices=["column", "block"], default=None,
+                       help="also train a de-randomized smoothing model (patch certificates): one random band of "
+                       "--band columns (or a --band x --band block) kept per batch, inputs encoded as (x, 1 - x)")
+    train.add_argument("--band", type=_integer, default=None, help="width of the kept band / block (pixels)")
     train.add_argument("--seed", type=_integer, default=None, help=f"seed (default: {D.TRAIN['seed']})")
     _add_common(train)
 
@@ -157,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"sample-specific mode: ascent steps (default: {D.CERTIFY['sigma_steps']})")
     cert.add_argument("--sigma-lr", type=_positive_float, default=None,
                       help=f"sample-specific mode: ascent learning rate (default: {D.CERTIFY['sigma_lr']})")
+    cert.add_argument("--certificate", choices=["smoothing", "patch", "patchcleanser"], default="smoothing",
+                      help="smoothing: Gaussian test-time smoothing (l2 radius); patch: de-randomized smoothing of "
+                      "the run's --ablation models (patch side); patchcleanser: PatchCleanser over any plain model "
+                      "(--model, default undefended; --patch-size P) (default: smoothing)")
+    cert.add_argument("--patch-size", type=_integer, nargs="+", default=None,
+                      help="patch sides to certify (patch: default 1 .. the image side; patchcleanser: one side)")
+    cert.add_argument("--masks", type=_integer, default=None,
+                      help="patchcleanser: masks per axis k (default: min(6, image side - patch size + 1))")
+    cert.add_argument("--theta", type=_number, default=None,
+                      help="patch: a pass votes for every class whose softmax >= theta (default: 0.2)")
+    cert.add_argument("--rule", choices=["threshold", "argmax"], default=None,
+                      help="patch: vote rule (default: threshold)")
     cert.add_argument("--seed", type=_integer, default=None, help=f"noise seed (default: {D.CERTIFY['seed']})")
     cert.add_argument("--batch-size", type=_integer, default=None, help=f"noisy copies per forward pass (default: {D.CERTIFY['batch_size']})")
     cert.add_argument("--dataset", default=None,
@@ -173,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "never poisoned samples), evaluate CA/ASR/RA before and after and DER on the test split, "
                          "and save it as model 'purified-METHOD' (certify it with `certkit certify RUN --model "
                          "purified-METHOD --sigma S`) with its report in purify/METHOD.json.",
-                         epilog="Methods: " + _purifier_names())
+                         )
+    pur.lazy_epilog = lambda: "Methods: " + ", ".join(PURIFIER_NAMES)
     pur.add_argument("run_dir", help="single-model run directory made by `certkit train` or `certkit demo`")
     pur.add_argument("--method", required=True, help="purification method (see the list below)")
     pur.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -344,7 +367,8 @@ def _train(args: argparse.Namespace, progress: bool) -> int:
     from certkit.runs.single import TrainConfig, train
 
     cfg = TrainConfig(**_given(args, **_DATA_FLAGS, model="model", epochs="epochs", lr="lr",
-                               batch_size="batch_size", noise_sigmas="noise_sigmas"))
+                               batch_size="batch_size", noise_sigmas="noise_sigmas", ablation="ablation",
+                               band="band"))
     run = train(cfg, args.out, device=args.device, progress=progress, download=args.download)
     print(f"run directory: {run.path}")
     return 0
@@ -352,6 +376,17 @@ def _train(args: argparse.Namespace, progress: bool) -> int:
 
 def _certify(args: argparse.Namespace, progress: bool) -> int:
     from certkit.runs.report import report
+
+    if args.certificate != "smoothing":
+        from certkit.runs.patch import PatchCertifyConfig, certify_patches
+
+        cfg = PatchCertifyConfig(certificate=args.certificate, models=args.model, **_given(
+            args, patch_sizes="patch_size", masks="masks", theta="theta", rule="rule", max_points="max_points",
+            seed="seed"))
+        run = certify_patches(args.run_dir, cfg, device=args.device, progress=progress)
+        print()
+        print(report(run.path, replot=False))
+        return 0
     from certkit.runs.single import certify
 
     settings = _given(args, n0="n0", n="n", alpha="alpha", seed="seed", batch_size="batch_size",

@@ -17,6 +17,10 @@ STREAM_TRAIN_NOISE = 10  # ensemble member: fixed Gaussian noise on every traini
 STREAM_TEST_NOISE = 11  # ensemble member: fixed Gaussian noise added to every test input
 STREAM_MEMBER_INIT = 12  # ensemble member: weight initialisation and batch order
 STREAM_SIGMA = 20  # sample-specific sigma optimisation (certkit.sigma): SGA noise / member choice
+STREAM_SIGMA_REFERENCE = 30  # sample-specific ensemble: reference model (init, batch order, augmentation noise)
+STREAM_SIGMA_TRAIN = 31  # sample-specific ensemble: seed of the SGA of the training scales
+STREAM_SIGMA_TEST = 32  # sample-specific ensemble: seed of the SGA of the test scales
+STREAM_ABLATION = 40  # de-randomized smoothing training: the band / block position of each batch
 
 
 def _splitmix64(z: int) -> int:

@@ -7,12 +7,17 @@ import contextlib
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
 
 from certkit.backdoor.attacks import BadNets, triggered_test_set
 from certkit.backdoor.data import load_digits
 from certkit.backdoor.models import build_model
 from certkit.backdoor.training import train_model
+
+# property tests draw the same examples on every run (CI must not depend on which examples a run happens to try)
+settings.register_profile("certkit", derandomize=True, deadline=None)
+settings.load_profile("certkit")
 
 PURIFY_TARGET = 0
 # The defender gets 20% of the training set (251 images, ~25 per class): at 2-5% (25-63 images, 2-6 per

@@ -422,3 +422,18 @@ def test_attack_implants_a_backdoor_on_digits(digits, attack, rate, epochs, min_
     asr = float((predict_labels(model, trig.x, device="cpu") == target).float().mean())
     assert clean_acc > (0.9 if isinstance(attack, (BadNets, Blended)) else 0.85)
     assert asr > min_asr  # chance would be ~0.1
+
+
+@pytest.mark.parametrize("name,params,side", [
+    ("badnets", {}, 2), ("badnets", {"patch_size": 3, "location": "top-left"}, 3),
+    ("rab-one-pixel", {}, 1), ("rab-four-pixel", {}, 3),
+    ("blended", {}, None), ("wanet", {}, None), ("sig", {}, None), ("rab-blending", {}, None),
+])
+def test_every_attack_reports_whether_its_trigger_is_a_patch_and_its_side(name, params, side):
+    attack = make_attack(name, **params)
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert attack.patch_side(x.shape[1:]) == side
+    if side is not None:  # every changed pixel lies inside one side x side square
+        changed = (attack.apply(x) != x).any(0).any(0).nonzero()
+        rows, cols = changed[:, 0], changed[:, 1]
+        assert len(changed) and int(rows.max() - rows.min()) + 1 <= side and int(cols.max() - cols.min()) + 1 <= side

@@ -22,12 +22,13 @@ def votes_from_counts(counts: np.ndarray, soft: np.ndarray | None = None) -> Ens
 
 
 def test_unanimous_votes_give_the_closed_form_radius():
-    # all M votes for one class: pA_low = (alpha/C)^(1/M) and pB_up = 1 - pA_low, R = sigma * PhiInv(pA_low)
+    # all M votes for one class: pA_low = (alpha/(2C))^(1/M) (C lower and C upper bounds, C >= 3) and
+    # pB_up = 1 - pA_low, R = sigma * PhiInv(pA_low)
     m, c, alpha, sigma = 200, 4, 1e-3, 0.5
     counts = np.zeros((3, c), dtype=int)
     counts[:, 2] = m
     res = certify_votes(votes_from_counts(counts), [2, 2, 1], sigma=sigma, alpha=alpha)
-    p = (alpha / c) ** (1 / m)
+    p = (alpha / (2 * c)) ** (1 / m)
     np.testing.assert_allclose(res.p_lower, p, rtol=1e-13)
     np.testing.assert_allclose(res.radius, sigma * stats.norm.ppf(p), rtol=1e-12)
     assert res.prediction.tolist() == [2, 2, 2] and res.correct.tolist() == [True, True, False]

@@ -557,6 +557,7 @@ def test_certify_a_sample_specific_run_end_to_end(tmp_path):
     pytest.importorskip("certkit.certify.sigma")
     from certkit.runs.ensemble_certify import (
         TEST_SIGMAS,
+        TRIGGERED_SIGMAS,
         EnsembleCertifyConfig,
         certify_ensemble_run,
         ensemble_report_table,
@@ -573,10 +574,17 @@ def test_certify_a_sample_specific_run_end_to_end(tmp_path):
     assert "conditional on these scales" in summary["training_assumption"]
     row = summary["ensemble"]
     assert row["noise"] == "sample-specific" and row["training_scales"]["min"] == float(scales.min())
-    assert row["acr_joint_l2"] <= row["acr"] + 1e-15
-    assert TEST_SIGMAS in run.reload()["files"]
-    # input-dependent sigmas: the storage update ran over the clean points and its store is saved
-    assert "store.npz" in run.reload()["files"] and row["storage"]["n_stored"] <= 40
+    # no certified column depends on the data-chosen training scales: those figures are conditional columns
+    assert row["certified_trigger_robustness"] is None
+    assert row["acr_joint_l2_conditional_on_scales"] <= row["acr"] + 1e-15
+    assert not any("joint" in k and "conditional" not in k for k in row if k.startswith(("certified", "acr")))
+    files = run.reload()["files"]
+    assert TEST_SIGMAS in files and TRIGGERED_SIGMAS in files
+    # input-dependent sigmas: the storage update ran over the clean points and its store is saved; the
+    # triggered queries are answered by a store built before (without) their clean twins
+    assert "store.npz" in files and row["storage"]["counts"]["n_stored"] <= 40
+    assert "store_triggered_first.npz" in files and row["storage"]["kind"] == "transductive, order-dependent"
+    assert row["asr_bound_test_time"]["method"] == "markov"  # members' noise is shared by all points
     from certkit.certify.storage import CertifiedStore
 
     assert CertifiedStore.load(run.file("store.npz")).check_invariant()
@@ -584,11 +592,15 @@ def test_certify_a_sample_specific_run_end_to_end(tmp_path):
     clean, trig = points[points.set == "clean"], points[points.set == "triggered"]
     assert len(clean) == 40 and (clean.sigma >= spec.sigma).all()
     np.testing.assert_allclose(points.radius, points.sigma * points.gap / 2, rtol=1e-15)
-    assert (points.joint_l2_radius <= points.radius).all()
-    # the triggered copy of a test image reuses that image's sigma
+    joint = points.joint_l2_radius.dropna()
+    assert (joint <= points.radius[joint.index]).all()
+    assert clean.joint_l2_radius.isna().sum() >= row["storage"]["counts"]["n_aligned"]  # none on adjusted rows
+    # a triggered query's sigma is optimised on x + t itself, never borrowed from its clean twin
+    own = np.load(run.file(TRIGGERED_SIGMAS))["sigma"]
+    assert len(own) == 486 and set(trig.sigma.round(12)) <= set(own.round(12))
     by_index = dict(zip(clean["index"], clean.sigma))
     n_test = summary["dataset"]["n_test"]
-    assert [by_index[i - n_test] for i in trig["index"]] == trig.sigma.tolist()
+    assert [by_index[i - n_test] for i in trig["index"]] != trig.sigma.tolist()
     # CTR is the weighted condition, i.e. the attack in test-sigma units below the radius
     covered = attack_covered(
         trig.gap.to_numpy(),
@@ -597,14 +609,11 @@ def test_certify_a_sample_specific_run_end_to_end(tmp_path):
         np.sqrt(np.maximum(trig.trigger_norm**2 - trig.sigma**2 * row["weighted_poison_sum"], 0)),
     )
     assert covered.tolist() == trig.attack_covered.astype(bool).tolist()
-    assert row["certified_trigger_robustness"] == pytest.approx(
-        float(np.mean(trig.correct.astype(bool) & trig.attack_covered.astype(bool)))
-    )
+    conditional = row["certified_trigger_robustness_conditional_on_scales"]
+    assert conditional == pytest.approx(float(np.mean(trig.correct.astype(bool) & trig.attack_covered.astype(bool))))
     from certkit.certify.results import CertificationResult
 
-    assert row["certified_trigger_robustness"] == certified_trigger_robustness(
-        CertificationResult.from_frame(trig), target=spec.target
-    )
+    assert conditional == certified_trigger_robustness(CertificationResult.from_frame(trig), target=spec.target)
     assert "joint l2 ACR" in ensemble_report_table(summary)
     # the votes carry the sigmas they were sampled with
     v = EnsembleVotes.load(run.file("votes/clean.npz"))
@@ -613,7 +622,7 @@ def test_certify_a_sample_specific_run_end_to_end(tmp_path):
     # certifying again reuses the test sigmas and the votes; a modified sigma file is recomputed (warning)
     logs.clear()
     certify_ensemble_run(run, cfg, device="cpu", progress=False, log=logs.append)
-    assert any("reusing the 540 stored test sigmas" in m for m in logs)
+    assert any("reusing the 540 stored clean test sigmas" in m for m in logs)
     assert sum("reusing saved votes" in m for m in logs) == 2
     before = np.load(run.file(TEST_SIGMAS))["sigma"]
     raw = bytearray(run.file(TEST_SIGMAS).read_bytes())

@@ -168,3 +168,12 @@ def test_low_layers_load_without_the_layers_above(module):
             f"'purifiers', 'certkit.cli'))]; print(bad); raise SystemExit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_public_name_of_the_facade_resolves():
+    import certkit
+
+    for name in certkit.__all__:
+        assert getattr(certkit, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nosuch'"):
+        certkit.nosuch  # noqa: B018

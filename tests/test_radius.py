@@ -162,19 +162,24 @@ def test_cohen_certify_rejects_bad_input(args, match):
 
 
 def test_soft_radius_reference_values_binary_bound_like_released_code():
-    radius = hoeffding_soft_radius([0.95, 0.99, 0.70, 1.0], 1000, 1e-3, 1.0)
+    fixed = {"selected_from_scores": False}  # the released evaluator's convention: one bound at alpha
+    radius = hoeffding_soft_radius([0.95, 0.99, 0.70, 1.0], 1000, 1e-3, 1.0, **fixed)
     np.testing.assert_allclose(radius, [1.23310, 1.48502, 0.36175, 1.5651856], atol=5e-6)
     assert radius[3] == pytest.approx(1.5651856, abs=5e-8)
-    assert hoeffding_soft_radius(1.0, 200, 1e-3, 1.0) == pytest.approx(1.1197364, abs=5e-8)
+    assert hoeffding_soft_radius(1.0, 200, 1e-3, 1.0, **fixed) == pytest.approx(1.1197364, abs=5e-8)
     # Cert-SSB MNIST one-pixel: the largest optimised sigma 0.2946 caps the radius at 0.4611
-    assert hoeffding_soft_radius(1.0, 1000, 1e-3, 0.2946) == pytest.approx(0.4611, abs=5e-5)
+    assert hoeffding_soft_radius(1.0, 1000, 1e-3, 0.2946, **fixed) == pytest.approx(0.4611, abs=5e-5)
+    # the class selected from the same scores: the bound is taken at alpha / 2 (default)
+    assert hoeffding_soft_radius(0.95, 1000, 1e-3, 1.0) == pytest.approx(
+        hoeffding_soft_radius(0.95, 1000, 5e-4, 1.0, **fixed), rel=1e-15)
 
 
 def test_soft_radius_with_runner_up_splits_alpha_between_the_two_bounds():
     p_a = np.array([0.95, 0.99, 0.70])
-    bonferroni = hoeffding_soft_radius(p_a, 1000, 1e-3, 1.0, p_b_mean=1 - p_a)
+    fixed = {"selected_from_scores": False}
+    bonferroni = hoeffding_soft_radius(p_a, 1000, 1e-3, 1.0, p_b_mean=1 - p_a, **fixed)
     # released code (each bound at alpha) is reproduced by passing 2 * alpha
-    released = hoeffding_soft_radius(p_a, 1000, 2e-3, 1.0, p_b_mean=1 - p_a)
+    released = hoeffding_soft_radius(p_a, 1000, 2e-3, 1.0, p_b_mean=1 - p_a, **fixed)
     np.testing.assert_allclose(released, [1.23310, 1.48502, 0.36175], atol=5e-6)
     assert np.all(bonferroni < released)
     h = math.sqrt(math.log(2 / 1e-3) / 2000)
@@ -184,9 +189,8 @@ def test_soft_radius_with_runner_up_splits_alpha_between_the_two_bounds():
 
 def test_soft_radius_with_a_small_runner_up_beats_the_binary_bound():
     # three classes: (0.8, 0.05, 0.15 spread) -> bounding p_B separately certifies more
-    assert hoeffding_soft_radius(0.8, 1000, 1e-3, 1.0, p_b_mean=0.05) > hoeffding_soft_radius(
-        0.8, 1000, 1e-3, 1.0
-    )
+    assert hoeffding_soft_radius(0.8, 1000, 1e-3, 1.0, p_b_mean=0.05, selected_from_scores=False) > \
+        hoeffding_soft_radius(0.8, 1000, 1e-3, 1.0, selected_from_scores=False)
 
 
 def test_soft_radius_abstains_when_bounds_overlap():

@@ -18,6 +18,9 @@ from certkit.errors import InputError, RecordError
 
 PHI_INV_098 = 2.0537489106318225
 
+# Mode B calls below choose sigma on the members' own test draws on purpose (the optimiser's maths)
+pytestmark = pytest.mark.filterwarnings("ignore::certkit.certify.sigma.CertifyingDrawsWarning")
+
 
 class Constant(nn.Module):
     """Ignores its input: softmax output fixed at ``probs`` (float64 logits)."""
@@ -371,3 +374,12 @@ def test_result_save_load_and_dict(tmp_path):
 def test_empty_input_gives_an_empty_result():
     r = run(M0, torch.zeros((0, 1, 2, 2)), base_sigma=0.1, steps=3)
     assert len(r) == 0 and r.proxy_radius.shape == (0,)
+
+
+def test_optimising_on_the_members_test_draws_warns_that_certificates_would_reuse_them():
+    from certkit.certify.sigma import CertifyingDrawsWarning
+
+    f = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with pytest.warns(CertifyingDrawsWarning, match="same draws whose votes a certificate then bounds"):
+        optimize_sigma([f], torch.rand(2, 1, 2, 2), base_sigma=0.3, steps=1, test_noise=[torch.randn(1, 2, 2)],
+                       device="cpu", progress=False)

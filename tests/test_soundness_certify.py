@@ -26,7 +26,7 @@ from certkit.errors import InputError
 def test_soft_radius_binary_bound_is_one_bound_at_alpha_design_reference_values():
     # DESIGN.md section 9 values are for the single bound pA - h(alpha), pB_up = 1 - pA_low: kept as they are
     p_a = np.array([0.95, 0.99, 0.70])
-    radius = hoeffding_soft_radius(p_a, 1000, 1e-3, 1.0)
+    radius = hoeffding_soft_radius(p_a, 1000, 1e-3, 1.0, selected_from_scores=False)
     np.testing.assert_allclose(radius, [1.23310, 1.48502, 0.36175], atol=5e-6)
     h = math.sqrt(math.log(1 / 1e-3) / 2000)
     np.testing.assert_allclose(radius, stats.norm.ppf(p_a - h), rtol=1e-13)
@@ -34,7 +34,7 @@ def test_soft_radius_binary_bound_is_one_bound_at_alpha_design_reference_values(
 
 def test_soft_radius_with_two_bounds_from_the_same_scores_splits_alpha():
     p_a, p_b = np.array([0.8, 0.6, 0.9]), np.array([0.15, 0.3, 0.02])
-    got = hoeffding_soft_radius(p_a, 500, 1e-3, 0.5, p_b_mean=p_b)
+    got = hoeffding_soft_radius(p_a, 500, 1e-3, 0.5, p_b_mean=p_b, selected_from_scores=False)
     h2 = math.sqrt(math.log(2 / 1e-3) / 1000)  # h(alpha / 2), not h(alpha)
     np.testing.assert_allclose(got, 0.25 * (stats.norm.ppf(p_a - h2) - stats.norm.ppf(p_b + h2)), rtol=1e-12)
     h1 = math.sqrt(math.log(1 / 1e-3) / 1000)
@@ -53,7 +53,7 @@ def test_selection_corrected_two_class_ensemble_equals_soft_radius_at_half_alpha
     votes = EnsembleVotes(predictions=soft.argmax(-1), soft_sum=soft.sum(0), num_classes=2)
     res = certify_votes(votes, sigma=0.5, alpha=1e-3, bound="hoeffding")
     top = votes.soft_mean().max(1)
-    expected = hoeffding_soft_radius(top, m, 0.5e-3, 0.5)
+    expected = hoeffding_soft_radius(top, m, 1e-3, 0.5)  # the default selection correction: alpha / 2
     assert (expected > 0).sum() > 30
     np.testing.assert_allclose(res.radius, expected, rtol=1e-9, atol=1e-12)
 
@@ -104,7 +104,7 @@ def test_the_radius_functions_and_halfwidth_refuse_one_sided_alpha_of_one_half()
     with pytest.raises(InputError, match="alpha must be < 0.5"):
         cohen_certify_counts(8, 10, 0.5, 1.0)
     with pytest.raises(InputError, match="alpha must be < 0.5"):
-        hoeffding_soft_radius(0.9, 100, 0.6, 1.0)
+        hoeffding_soft_radius(0.9, 100, 0.6, 1.0, selected_from_scores=False)
     with pytest.raises(InputError, match="alpha must be < 0.5"):
         hoeffding_halfwidth(100, 0.5)
     # two bounds at alpha / 2 each: alpha up to 1 is fine
@@ -381,3 +381,18 @@ def test_ctr_docstring_points_to_the_simultaneous_bound_and_doctests_pass():
     assert "certified upper bound on the smoothed classifier's ASR" not in doc
     result = doctest.testmod(metrics_module)
     assert result.attempted >= 3 and result.failed == 0
+
+
+def test_soft_radius_of_a_class_selected_from_its_own_scores_holds_at_alpha_by_monte_carlo():
+    """Two classes at a near tie (true p_0 = 0.5 + tiny): the class is the argmax of the same n scores. The
+    uncorrected single bound at alpha fails about twice as often as alpha; the default correction holds."""
+    rng = np.random.default_rng(1)
+    n, alpha, trials, p0 = 40, 0.05, 40_000, 0.5
+    means = rng.binomial(n, p0, size=trials) / n  # scores in {0, 1}: the mean of class 0
+    top = np.maximum(means, 1 - means)  # selected class: the larger empirical mean, true p = 0.5 for both
+    h = lambda a: math.sqrt(math.log(1 / a) / (2 * n))  # noqa: E731
+    fails_uncorrected = np.mean(top - h(alpha) > 0.5)
+    radius = hoeffding_soft_radius(top, n, alpha, 1.0)
+    fails_default = np.mean(radius > 0)  # any positive radius claims p_selected > 1/2: false here
+    assert fails_default <= alpha
+    assert fails_uncorrected > fails_default

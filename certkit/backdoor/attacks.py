@@ -189,6 +189,25 @@ class Attack(ABC):
         """l2 norm of ``apply(x) - x`` per input (pixel units), float64 ``[N]`` on ``x``'s device."""
         return self._norms(x, self.apply(x))
 
+    def _patch_pixels(self, h: int, w: int) -> list[tuple[int, int]] | None:
+        """The ``(row, col)`` the trigger may change on ``h x w`` images, or ``None`` when it changes the
+        whole image (a global trigger: Blended, WaNet, SIG, RAB's blending pattern)."""
+        return None
+
+    def patch_side(self, input_shape: tuple[int, ...]) -> int | None:
+        """Side of the smallest square holding every pixel the trigger changes (the unit of patch
+        certificates, Mode C), or ``None`` for a global trigger: patch certificates do not apply to it.
+
+        >>> BadNets(patch_size=3).patch_side((1, 8, 8)), Blended().patch_side((1, 8, 8))
+        (3, None)
+        """
+        h, w = (int(s) for s in tuple(input_shape)[-2:])
+        pixels = self._patch_pixels(h, w)
+        if pixels is None:
+            return None
+        rows, cols = [r for r, _ in pixels], [c for _, c in pixels]
+        return max(max(rows) - min(rows) + 1, max(cols) - min(cols) + 1)
+
     def _candidates(self, y: np.ndarray, target: int) -> tuple[np.ndarray, str]:
         """Indices that ``poison`` may trigger and a description for the error message (default: the
         samples whose label is not ``target``)."""
@@ -295,13 +314,19 @@ class BadNets(Attack):
         even = ((i[:, None] + i[None, :]) % 2) == 0
         return torch.where(even, torch.tensor(self.value), torch.tensor(1.0 - self.value))
 
-    def _stamp(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
+    def _corner(self, h: int, w: int) -> tuple[int, int]:
         p = self.patch_size
         if p > h or p > w:
             raise InputError(f"BadNets patch of size {p} does not fit {h}x{w} images")
-        r0 = h - p if self.location.startswith("bottom") else 0
-        c0 = w - p if self.location.endswith("right") else 0
+        return (h - p if self.location.startswith("bottom") else 0, w - p if self.location.endswith("right") else 0)
+
+    def _patch_pixels(self, h: int, w: int) -> list[tuple[int, int]]:
+        r0, c0 = self._corner(h, w)
+        return [(r0 + i, c0 + j) for i in range(self.patch_size) for j in range(self.patch_size)]
+
+    def _stamp(self, x: torch.Tensor) -> torch.Tensor:
+        r0, c0 = self._corner(*x.shape[-2:])
+        p = self.patch_size
         x[:, :, r0 : r0 + p, c0 : c0 + p] = self.patch().to(device=x.device, dtype=x.dtype)
         return x
 
@@ -412,6 +437,9 @@ class RABOnePixel(_RABAdditive):
         self.delta = _positive(delta, "delta")
         self.position = _check_position(position)
 
+    def _patch_pixels(self, h: int, w: int) -> list[tuple[int, int]]:
+        return [self.pixel(h, w)]
+
     def pixel(self, h: int, w: int) -> tuple[int, int]:
         """The triggered ``(row, col)`` on ``h x w`` images."""
         r, c = self.position if self.position is not None else (_scaled_index(23, h), _scaled_index(23, w))
@@ -449,6 +477,9 @@ class RABFourPixel(_RABAdditive):
     def __init__(self, delta: float = 1.0, position: tuple[int, int] | None = None) -> None:
         self.delta = _positive(delta, "delta")
         self.position = _check_position(position)
+
+    def _patch_pixels(self, h: int, w: int) -> list[tuple[int, int]]:
+        return self.pixels(h, w)
 
     def pixels(self, h: int, w: int) -> list[tuple[int, int]]:
         """The four triggered ``(row, col)`` on ``h x w`` images."""

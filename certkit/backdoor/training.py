@@ -19,15 +19,15 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from certkit._validation import check_choice, check_number, check_positive_int
+from certkit._validation import check_choice, check_number, check_positive_int, check_seed
 from certkit.backdoor.data import ArrayDataset
 from certkit.devices import module_device, resolve_device
 from certkit.errors import InputError
@@ -89,6 +89,7 @@ def train_model(
     device: str | torch.device = "auto",
     progress: bool = True,
     desc: str = "train",
+    input_transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> TrainingHistory:
     """Train ``model`` in place with cross-entropy on ``data`` and return its :class:`TrainingHistory`.
 
@@ -105,6 +106,9 @@ def train_model(
         seed: seed of the shuffling, the noise and the model's own randomness.
         device: ``"auto" | "cpu" | "cuda"``; the model goes back to its original device afterwards.
         progress: show a tqdm bar over epochs with the loss and accuracy.
+        input_transform: optional ``(batch, step) -> model input`` applied last to every batch, ``step``
+            counting batches from 0 over all epochs (e.g. de-randomized smoothing's seeded band ablation,
+            :func:`certkit.certify.patch.ablation_train_transform`).
 
     The model is left in eval mode. Raises :class:`InputError` on bad arguments, a mismatch between the
     model's outputs and ``data.num_classes``, or a NaN/inf loss (divergence: lower ``lr``).
@@ -124,8 +128,7 @@ def train_model(
     optimizer = check_choice(optimizer, OPTIMIZERS, "optimizer")
     if fixed_noise is not None:
         fixed_noise = _check_fixed_noise(fixed_noise, data)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = check_seed(seed, limit=2**63)  # member seeds come from derive_seed (63 bits)
     seed = int(seed)
     spec = getattr(model, "certkit_spec", None)
     if isinstance(spec, dict):
@@ -158,6 +161,7 @@ def train_model(
             shuffle_gen = torch.Generator().manual_seed(seed)
             noise_gen = torch.Generator(device=dev).manual_seed(seed + 1)
             model.train()
+            step = 0
             bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
             for epoch in bar:
                 perm = torch.randperm(n, generator=shuffle_gen)
@@ -173,6 +177,9 @@ def train_model(
                         xb = xb + noise_sigma * torch.randn(
                             xb.shape, generator=noise_gen, device=dev, dtype=xb.dtype
                         )
+                    if input_transform is not None:
+                        xb = input_transform(xb, step).to(dev)
+                    step += 1
                     out = model(xb)
                     if out.dim() != 2 or out.shape[0] != xb.shape[0]:
                         raise InputError(f"model must return logits [batch, num_classes], got {tuple(out.shape)}")

@@ -20,9 +20,10 @@ with the same ``bound``: the hard-vote majority for Clopper-Pearson, the largest
 Hoeffding (the two can differ).
 
 The top class and the runner-up are chosen from the *same* votes that are bounded, so by default certkit takes
-simultaneous one-sided bounds for all ``C`` classes (Bonferroni, ``alpha' = alpha / C`` each): then the
-data-chosen classes are covered with probability ``>= 1 - alpha``. With two classes this is the "alpha split
-between pA and pB" of DESIGN.md section 2. ``selection_correction=False`` uses ``alpha' = alpha`` for each
+simultaneous one-sided bounds for all ``C`` classes (Bonferroni over the ``2C`` lower and upper bounds,
+``alpha' = alpha / (2C)`` each; ``alpha / 2`` with two classes, where a class's upper bound is the other's
+lower bound, :func:`per_bound_alpha`): then the data-chosen classes are covered with probability
+``>= 1 - alpha``. With two classes this is the "alpha split between pA and pB" of DESIGN.md section 2. ``selection_correction=False`` uses ``alpha' = alpha`` for each
 bound, as the released RAB/Cert-SSB evaluators do (not covered against the selection; for comparison only).
 With ``pA_low`` and ``pB_up = min(upper bound of the runner-up, 1 - pA_low)`` the radius is
 ``sigma / 2 * (PhiInv(pA_low) - PhiInv(pB_up))``; the ensemble abstains when ``pA_low <= pB_up``.
@@ -220,11 +221,28 @@ def _bounds(votes: EnsembleVotes, bound: str, alpha_each: float) -> tuple[np.nda
     return top, p_a_low, p_b_up
 
 
+def per_bound_alpha(alpha: float, num_classes: int, selection_correction: bool = True) -> float:
+    """The level of each one-sided bound so that a certificate whose classes are chosen from the same votes
+    holds with probability ``>= 1 - alpha``.
+
+    The certificate needs the lower bound of the selected class and the upper bounds of all other classes
+    (the true runner-up may be any of them), whichever class the votes select: a union over ``C`` lower and
+    ``C`` upper one-sided events, ``alpha / (2C)`` each. With two classes the upper bound of one class is the
+    lower bound of the other (``p_1 = 1 - p_0``, Clopper-Pearson and Hoeffding are symmetric), so the events
+    pair up and ``alpha / 2`` suffices. ``selection_correction=False``: ``alpha`` (the released evaluators).
+
+    >>> per_bound_alpha(0.001, 2), per_bound_alpha(0.001, 10)
+    (0.0005, 5e-05)
+    """
+    if not selection_correction:
+        return alpha
+    return alpha / 2 if num_classes == 2 else alpha / (2 * num_classes)
+
+
 def _bounded(votes: EnsembleVotes, alpha: float, bound: str,
              selection_correction: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(top class, pA_low, effective pB_up, abstain) per point: the bounds every certificate uses."""
-    alpha_each = alpha / votes.num_classes if selection_correction else alpha
-    top, p_a_low, p_b_up = _bounds(votes, bound, alpha_each)
+    top, p_a_low, p_b_up = _bounds(votes, bound, per_bound_alpha(alpha, votes.num_classes, selection_correction))
     p_b_eff = np.minimum(p_b_up, 1.0 - p_a_low)
     return top, p_a_low, p_b_eff, p_a_low <= p_b_eff
 

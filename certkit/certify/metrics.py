@@ -10,6 +10,7 @@ live in :mod:`certkit.backdoor.metrics`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -104,6 +105,9 @@ class SimultaneousBound:
     def __str__(self) -> str:
         return self.statement
 
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
 
 def _ceil_digits(x: float, digits: int = 3) -> str:
     """``x > 0`` rounded *up* to ``digits`` significant digits (a bound is never printed below its value,
@@ -185,3 +189,27 @@ def simultaneous_asr_bound(ctr: float, n_nontarget: int, alpha: float, delta: fl
     statement = (f"smoothed ASR <= {_ceil_digits(bound)} with probability >= {Decimal(1) - Decimal(repr(d))} "
                  f"(at most {q} of {n} certificates fail)")
     return SimultaneousBound(bound=bound, q=q, delta=d, alpha=a, n=n, method=method, statement=statement)
+
+
+def certified_triggered_accuracy(triggered: CertificationResult, target: int | None = None) -> float:
+    """Fraction of non-target *triggered* queries certified to get their true label: the deployed classifier's
+    answer at ``x + t`` is the true label and comes with a certificate (``radius >= 0``, not abstaining).
+
+    The trigger-robustness figure for classifiers whose certificates do not transfer from the clean twin to
+    ``x + t`` (a memory classifier whose store depends on the order of the queries): evaluate the triggered
+    queries themselves, in the order they would arrive in deployment. Each answer holds at ``1 - alpha`` on
+    its own (stored labels are exact given the store).
+
+    >>> import numpy as np
+    >>> r = CertificationResult(label=np.array([1, 2, 0]), prediction=np.array([1, -1, 0]),
+    ...                         radius=np.array([0.0, 0.0, 0.3]), p_lower=np.array([0.9, 0.4, 0.9]),
+    ...                         sigma=np.full(3, 0.25), triggered=np.ones(3, dtype=bool))
+    >>> certified_triggered_accuracy(r, target=0)
+    0.5
+    """
+    if (triggered.label < 0).any():
+        raise InputError("certified triggered accuracy needs the true labels of the triggered queries")
+    keep = np.ones(len(triggered), dtype=bool) if target is None else triggered.label != int(target)
+    if not keep.any():
+        return float("nan")
+    return float(triggered.subset(np.flatnonzero(keep)).certified_accuracy(0.0))

@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 from scipy.special import ndtri
 
-from certkit._validation import check_sigma
+from certkit._validation import check_positive_int, check_sigma
 from certkit.certify.bounds import (
     _broadcast,
     _check_alpha_array,
@@ -132,46 +132,61 @@ def cohen_certify_counts(count_a: Any, n: Any, alpha: Any, sigma: Any) -> tuple[
     return _shaped(p_lower, shape), _shaped(radius, shape), _shaped(abstain, shape)
 
 
-def hoeffding_soft_radius(p_a_mean: Any, n: Any, alpha: Any, sigma: Any, p_b_mean: Any = None) -> Any:
+def hoeffding_soft_radius(p_a_mean: Any, n: Any, alpha: Any, sigma: Any, p_b_mean: Any = None, *,
+                          num_classes: int = 2, selected_from_scores: bool = True) -> Any:
     """Certified radius from mean soft scores bounded with Hoeffding's inequality (RAB / Cert-SSB).
 
     ``h(a) = sqrt(ln(1/a) / (2 n))`` is the one-sided Hoeffding half-width of a mean of ``n`` independent
     ``[0, 1]`` scores (``n`` from the data; the released Cert-SSB evaluator hard-codes 1000).
 
-    - ``p_b_mean=None`` (binary bound, the two-class case): one bound at level ``alpha``,
-      ``pA_low = pA - h(alpha)`` and ``pB_up = 1 - pA_low``, so ``R = sigma * PhiInv(pA_low)``. With two
-      classes ``pB = 1 - pA`` and this equals the released RAB/Cert-SSB evaluator, whose two bounds
-      ``pA - h``, ``pB + h`` at ``alpha`` each are then the same event (e.g. ``N = 1000``,
-      ``alpha = 1e-3``: ``pA = 0.95 -> 1.23310 sigma``, ``pA = 1 -> 1.5651856 sigma``).
-    - ``p_b_mean`` given (runner-up mean): both ``pA`` and ``pB`` are bounded from the same scores, so
-      ``alpha`` is split, ``alpha / 2`` each (Bonferroni; DESIGN.md section 2), and the two bounds hold
-      together with probability ``>= 1 - alpha``:
-      ``R = sigma / 2 * (PhiInv(pA - h(alpha/2)) - PhiInv(pB + h(alpha/2)))``. The released code uses
-      ``alpha`` for each bound (joint failure up to ``2 alpha``); pass ``2 * alpha`` to reproduce it.
+    - ``p_b_mean=None`` (binary bound, two classes): ``pA_low = pA - h(a)`` and ``pB_up = 1 - pA_low``,
+      ``R = sigma * PhiInv(pA_low)``.
+    - ``p_b_mean`` given (runner-up mean): ``pA_low = pA - h(a)``, ``pB_up = pB + h(a)``,
+      ``R = sigma / 2 * (PhiInv(pA_low) - PhiInv(pB_up))``.
 
-    Selection. Both forms hold at the stated level for classes fixed before the scores are drawn (e.g.
-    chosen on separate selection draws, as Cohen's CERTIFY does). When ``A`` is the argmax of the very
-    scores that are bounded, the binary bound with two classes fails only on the two-sided event
-    ``|mean_0 - p_0| > h(alpha)``, so it holds at ``1 - 2 alpha`` in the worst case (a near tie, where both
-    classes can be selected); pass ``alpha / 2`` for a ``1 - alpha`` statement.
-    :func:`certkit.certify.ensemble.certify_votes` makes that correction itself (``alpha / C`` per class).
+    The level ``a`` of each one-sided bound makes the certificate hold with probability ``>= 1 - alpha``:
+
+    - ``selected_from_scores=True`` (default): the class ``A`` (and the runner-up) are the argmax of the very
+      scores that are bounded, so the statement must hold whichever class is selected: a union over the
+      classes. Binary form: ``a = alpha / 2`` (both classes may be selected near a tie; with two classes the
+      lower bound of one is the upper bound of the other). Runner-up form: the lower bound of ``A`` and the
+      upper bounds of all other classes must hold, so ``a = alpha / (2 * num_classes)``.
+    - ``selected_from_scores=False``: the classes were fixed before these scores were drawn (e.g. on
+      separate selection draws, as Cohen's CERTIFY does): ``a = alpha`` (binary) or ``alpha / 2`` (both
+      bounds, Bonferroni). The released RAB/Cert-SSB evaluator uses ``alpha`` for each bound with selection;
+      DESIGN.md section 9's reference values (``N = 1000``, ``alpha = 1e-3``: ``pA = 0.95 -> 1.23310
+      sigma``) are the binary form with ``selected_from_scores=False``.
 
     Args:
         p_a_mean: mean soft score of the predicted class over ``n`` draws, in ``[0, 1]``.
         n: number of independent draws (models / noise samples), integer-valued, ``>= 1``.
-        alpha: error level of the certificate: in ``(0, 0.5)`` for the binary bound (one one-sided
-            bound), in ``(0, 1)`` with ``p_b_mean`` (two bounds at ``alpha / 2``).
+        alpha: error level of the certificate, in ``(0, 1)`` (each one-sided bound then needs ``a < 0.5``).
         sigma: noise standard deviation (> 0), scalar or per-sample 1-D, in input units.
         p_b_mean: mean soft score of the runner-up class, in ``[0, 1]``, or ``None`` (binary bound).
+        num_classes: number of classes ``C`` the selection ranges over (runner-up form; the binary form needs 2).
+        selected_from_scores: whether the classes were chosen from the same scores (see above).
 
     Returns:
         Radius (input units), 0 where not certified, of the broadcast shape.
+
+    >>> round(float(hoeffding_soft_radius(0.95, 1000, 1e-3, 1.0, selected_from_scores=False)), 5)
+    1.2331
+    >>> float(hoeffding_soft_radius(0.95, 1000, 1e-3, 1.0)) < 1.2331   # alpha / 2 for the selected class
+    True
     """
+    if not isinstance(selected_from_scores, (bool, np.bool_)):
+        raise InputError(f"selected_from_scores must be True or False, got {selected_from_scores!r}")
+    classes = check_positive_int(num_classes, "num_classes", minimum=2)
+    if p_b_mean is None and classes != 2:
+        raise InputError(f"the binary bound (p_b_mean=None) is for two classes; with num_classes={classes} pass "
+                         "the runner-up's mean as p_b_mean")
     a = _check_alpha_array(alpha)
+    share = (2 if p_b_mean is None else 2 * classes) if selected_from_scores else (1 if p_b_mean is None else 2)
+    a = a / share
     p_a = _check_probability(p_a_mean, "p_a_mean")
     if p_b_mean is None:
         return gaussian_radius(hoeffding(p_a, n, a, "greater").low, sigma)
     p_b = _check_probability(p_b_mean, "p_b_mean")
-    p_a_low = hoeffding(p_a, n, a / 2, "greater").low
-    p_b_up = hoeffding(p_b, n, a / 2, "less").high
+    p_a_low = hoeffding(p_a, n, a, "greater").low
+    p_b_up = hoeffding(p_b, n, a, "less").high
     return gaussian_radius(p_a_low, sigma, p_b_up)

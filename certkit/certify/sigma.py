@@ -85,6 +85,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -96,7 +97,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from certkit._validation import check_finite_tensor, check_number, check_positive_int, check_sigma
+from certkit._validation import check_finite_tensor, check_number, check_positive_int, check_seed, check_sigma
 from certkit.devices import resolve_device
 from certkit.errors import InputError, RecordError
 from certkit.io import atomic_write_bytes, to_jsonable
@@ -106,6 +107,10 @@ __all__ = ["DEFAULT_STEPS", "NOISE_BLOCK", "SIGMA_FLOOR", "SigmaResult", "optimi
 
 #: Default number of SGA steps (between the released Cert-SSB runs' 850 and 1100; module docstring).
 DEFAULT_STEPS = 1000
+
+
+class CertifyingDrawsWarning(UserWarning):
+    """A smoothing parameter was chosen from the same noise draws a certificate will bound."""
 #: Steps per seeded noise block of one input in Mode A (part of the random stream's definition).
 NOISE_BLOCK = 16
 #: Lower limit on sigma when no ``sigma_min`` is given.
@@ -363,9 +368,7 @@ def optimize_sigma(
     test_noise_scale = _finite_number(test_noise_scale, "test_noise_scale")
     if test_noise_scale <= 0:
         raise InputError(f"test_noise_scale must be > 0, got {test_noise_scale}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise InputError(f"seed must be an integer, got {seed!r}")
-    seed = int(seed)
+    seed = check_seed(seed, limit=2**63)
     detach_model = bool(detach_model)
     dev = resolve_device(device)
 
@@ -414,6 +417,12 @@ def optimize_sigma(
             raise InputError("test_noise is required for ensemble members (Mode B): member m's fixed test draw")
         if not callable(test_noise) and len(test_noise) != M:
             raise InputError(f"got {len(test_noise)} test-noise tensors for {M} members")
+        warnings.warn(
+            "optimize_sigma over ensemble members uses the members' fixed test-noise draws, the same draws whose "
+            "votes a certificate then bounds: a sigma chosen from them makes the vote counts depend on the "
+            "choice, so the bound's coverage is no longer guaranteed. Certify with a sigma chosen on other "
+            "draws (e.g. a reference model in Mode A, as certkit's ensemble runs do).",
+            CertifyingDrawsWarning, stacklevel=2)
 
     # bounds: projected ascent starts from the projected base sigma
     floor = s_min if s_min is not None else SIGMA_FLOOR

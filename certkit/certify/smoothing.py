@@ -37,6 +37,7 @@ from certkit._validation import (
     check_labels,
     check_model_input,
     check_positive_int,
+    check_seed,
     check_sigma,
 )
 from certkit.certify.bounds import binomtest_half_pvalue
@@ -98,7 +99,7 @@ class RandomizedSmoothing:
         self.sigma = check_sigma(sigma)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.device = resolve_device(device)
-        self.seed = int(seed)
+        self.seed = check_seed(seed, limit=2**63)
         self.noise_block = check_positive_int(noise_block, "noise_block")
         self.progress = bool(progress)
 

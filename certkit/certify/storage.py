@@ -126,6 +126,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from certkit._validation import check_seed
 from certkit.certify.results import CertificationResult
 from certkit.errors import InputError, RecordError
 from certkit.io import atomic_write_bytes
@@ -937,8 +938,7 @@ class StorageCertifier:
         if self.order not in ("given", "shuffle"):
             raise InputError(f"order must be 'given' or 'shuffle' (or pass an explicit permutation to certify), "
                              f"got {self.order!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
+        check_seed(self.seed, limit=2**63)
         if self.tie_break not in ("first", "last"):
             raise InputError(f"tie_break must be 'first' or 'last', got {self.tie_break!r}")
         bs = self.block_size

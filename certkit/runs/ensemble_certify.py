@@ -11,29 +11,43 @@ ensemble certifies it *correct* with a radius larger than the attack's joint nor
 ``sqrt(sum_j ||Delta_j||^2 + ||t||^2)`` (``= sqrt(r + 1) ||t||`` for a constant-norm trigger on ``r``
 poisoned points): its prediction is then provably the one the ensemble would make had no training input and
 not the test input carried the trigger (labels as they are). The summary also gives the *test-time* figure:
-clean inputs certified correct beyond ``||t||``, which bounds the ASR of the deployed (poisoned) ensemble.
+clean inputs certified correct beyond ``||t||`` (each at ``1 - alpha`` on its own; the summary's ``asr_bound``
+is the whole-test-set statement at 95%, in the Markov form because every point shares the members' noise).
 
-Sample-specific runs (``noise="sample-specific"``; DESIGN.md section 3): the test sigma ``sigma_i`` of every
-clean test point is optimised once per run with :func:`certkit.runs.ensemble_train.optimize_sample_sigmas` on the
-*clean* image under the run's reference model (seed ``derive_seed(seed, STREAM_SIGMA_TEST, 0)``, the whole test
-set in one call, so a point's sigma does not depend on ``max_points``) and stored in ``test_sigmas.npz``
-(``sigma`` ``[n_test]`` plus a JSON ``meta`` naming the test-set and reference-model hashes and the SGA
-settings; reused while they match, recomputed with a warning if the file was modified). The triggered copy of
-a test image reuses its sigma (as Cert-SSB does). The votes are sampled with these sigmas and the saved votes
-carry them. Reported: ``radius`` = ``sigma_i * gap / 2`` (test-sigma units, Cert-SSB's convention; the
-``certified_accuracy``/``acr`` of the summary), the plain joint l2 radius ``min(min_j s_j, sigma_i) * gap / 2``
-(``certified_accuracy_joint_l2``/``acr_joint_l2``; ``points.csv`` columns ``gap`` and ``joint_l2_radius``),
-and the certified trigger robustness by the weighted condition
-``sum_j ||Delta_j||^2 / s_j^2 + ||t_i||^2 / sigma_i^2 < (gap / 2)^2`` (:func:`certkit.ensemble.attack_covered`;
-the ``trigger_norm`` of triggered rows is the attack in radius units,
-:func:`certkit.ensemble.weighted_joint_norms`; ``points.csv`` column ``attack_covered``). The summary's
-``training_assumption`` states that these certificates hold conditional on the data-chosen scales.
+Sample-specific runs (``noise="sample-specific"``; DESIGN.md sections 3 and 10): the test sigma ``sigma_i``
+of every test query is optimised on that query itself with
+:func:`certkit.runs.ensemble_train.optimize_sample_sigmas` under the run's reference model (seed
+``derive_seed(seed, STREAM_SIGMA_TEST, 0)``, the whole set in one call, so a point's sigma does not depend on
+``max_points``): the clean test set into ``test_sigmas.npz``, the triggered queries into
+``test_sigmas_triggered.npz`` (a triggered query never borrows its clean twin's sigma: a deployed system only
+sees ``x + t``). Each file holds ``sigma`` plus a JSON ``meta`` naming the inputs' and reference model's
+hashes and the SGA settings; reused while they match. The votes are sampled with these sigmas.
+
+What is certified, and what is only conditional:
+
+* The training scales ``s_j`` are chosen from the (possibly poisoned) training set, so the smoothing
+  distribution is itself a function of what the attacker controls. Every guarantee against *training-set*
+  perturbations (the joint l2 radius, the weighted condition, the joint CTR) holds only for the scales held
+  fixed: it goes to columns named ``*_conditional_on_scales`` and is never reported as certified accuracy or
+  CTR. No guarantee against poisoning holds whatever scales the attacker induces, so the unconditional joint
+  CTR of a sample-specific run is ``None``.
+* ``certified_accuracy``/``acr`` (test-sigma units, ``sigma_i * gap / 2``) perturb only the test input with
+  the deployed members fixed: they do not depend on the training set's counterfactual. With per-input test
+  sigmas they are storage-update certificates (transductive, order-dependent; the clean test queries in
+  test order, the store ``store.npz`` is part of the classifier). The test-time CTR processes the triggered
+  queries as they arrive in deployment, before (without) their clean twins (``store_triggered_first.npz``).
+* No joint-l2 radius is given on rows the storage update changed: the store depends on the training set.
 """
+
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import os
+import warnings
+import zipfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,12 +73,16 @@ from certkit.certify.ensemble import (
     vote_gap,
     weighted_joint_norms,
 )
-from certkit.certify.metrics import certified_trigger_robustness
+from certkit.certify.metrics import (
+    certified_trigger_robustness,
+    certified_triggered_accuracy,
+    simultaneous_asr_bound,
+)
 from certkit.certify.plots import plot_certified_accuracy, save_figure
 from certkit.certify.results import CertificationResult
 from certkit.certify.storage import StorageCertifier
 from certkit.devices import resolve_device
-from certkit.backdoor.prepare import prepare_data
+from certkit.backdoor.prepare import PreparedData, prepare_data
 from certkit.runs.defaults import ENSEMBLE_CERTIFY, ENSEMBLE_DEMO
 from certkit.errors import InputError, RecordError
 from certkit.runs.ensemble_train import (
@@ -124,19 +142,15 @@ def _votes(run: RunDirectory, ens: SmoothedEnsemble, x: torch.Tensor, which: str
 
 
 TEST_SIGMAS = "test_sigmas.npz"
+TRIGGERED_SIGMAS = "test_sigmas_triggered.npz"
 
 
-def optimized_test_sigmas(run: RunDirectory, spec: Any, test_x: torch.Tensor, *, device: str = "cpu",
-                log: Any = print) -> np.ndarray:
-    """Per-point test sigmas ``[n_test]`` of a sample-specific run (whole clean test set), from
-    ``test_sigmas.npz`` when it matches the test set, the reference model and the SGA settings, else optimised
-    with the reference model and stored (see the module docstring)."""
-    import io
-    import json
-    import warnings
-    import zipfile
-
-
+def optimized_test_sigmas(run: RunDirectory, spec: EnsembleSpec, test_x: torch.Tensor, *, device: str = "cpu",
+                          log: Any = print, which: str = "clean") -> np.ndarray:
+    """Per-point test sigmas ``[N]`` of a sample-specific run, each optimised on its own input ``test_x[i]``
+    (``which``: ``"clean"`` test set, stored in ``test_sigmas.npz``, or ``"triggered"`` queries, stored in
+    ``test_sigmas_triggered.npz``); reused while the inputs, the reference model and the SGA settings match
+    (see the module docstring)."""
     if REFERENCE_MODEL not in run.models():
         raise RecordError(f"sample-specific run {run.path} has no reference model; train the ensemble first")
     seed = derive_seed(spec.seed, STREAM_SIGMA_TEST, 0)
@@ -144,12 +158,13 @@ def optimized_test_sigmas(run: RunDirectory, spec: Any, test_x: torch.Tensor, *,
             "base_sigma": spec.sigma, "steps": spec.sigma_steps, "lr": spec.sigma_lr, "sigma_max": spec.sigma_max,
             "detach_model": spec.sigma_detach_model, "seed": seed}
     n = int(test_x.shape[0])
-    if TEST_SIGMAS in run.manifest["files"]:
+    rel = TEST_SIGMAS if which == "clean" else TRIGGERED_SIGMAS
+    if rel in run.manifest["files"]:
         try:
-            with np.load(io.BytesIO(run.read_bytes(TEST_SIGMAS)), allow_pickle=False) as z:
+            with np.load(io.BytesIO(run.read_bytes(rel)), allow_pickle=False) as z:
                 sig, meta = np.array(z["sigma"], dtype=np.float64), json.loads(str(z["meta"]))
             if all(meta.get(k) == v for k, v in want.items()):
-                log(f"[ensemble] reusing the {n} stored test sigmas")
+                log(f"[ensemble] reusing the {n} stored {which} test sigmas")
                 return check_scales(sig, n, "stored test sigmas")
         except (RecordError, InputError, KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
             warnings.warn(f"recomputing the test sigmas of {run.path}: {exc}", RuntimeWarning, stacklevel=2)
@@ -158,13 +173,14 @@ def optimized_test_sigmas(run: RunDirectory, spec: Any, test_x: torch.Tensor, *,
     sig = optimize_sample_sigmas(spec, model, test_x, seed=seed, device=resolve_device(device))
     buf = io.BytesIO()
     np.savez_compressed(buf, sigma=sig, meta=np.array(json.dumps(want)))
-    run.write_bytes(TEST_SIGMAS, buf.getvalue())
-    run.record_timing("test_sigmas", time.perf_counter() - t0)
-    log(f"[ensemble] optimised {n} test sigmas (median {float(np.median(sig)):.4f})")
+    run.write_bytes(rel, buf.getvalue())
+    run.record_timing(f"test_sigmas/{which}", time.perf_counter() - t0)
+    log(f"[ensemble] optimised {n} {which} test sigmas (median {float(np.median(sig)):.4f})")
     return sig
 
 
-def train_undefended(run: RunDirectory, spec: Any, data: Any, *, device: str, progress: bool, log: Any) -> Any:
+def train_undefended(run: RunDirectory, spec: EnsembleSpec, data: PreparedData, *, device: str, progress: bool,
+                     log: Any) -> torch.nn.Module:
     """Train (or reload) the noise-free model on the same poisoned data: the baseline ASR."""
 
     if run.has_model("undefended"):
@@ -198,9 +214,9 @@ def certify_ensemble_run(run: RunDirectory, cfg: EnsembleCertifyConfig, *, devic
         keep, keep_t = np.arange(len(test)), np.arange(len(trig.x))
     ens = load_ensemble(run, batch_size=cfg.batch_size, device=device, progress=progress)
     sig_clean = sig_trig = None
-    if spec.sample_specific:  # per-point test sigma from the clean image, reused for its triggered copy
-        sig_all = optimized_test_sigmas(run, spec, test.x, device=device, log=log)
-        sig_clean, sig_trig = sig_all[keep], sig_all[np.asarray(trig.indices)[keep_t]]
+    if spec.sample_specific:  # per-query test sigma, each optimised on its own input (x, or x + t)
+        sig_clean = optimized_test_sigmas(run, spec, test.x, device=device, log=log)[keep]
+        sig_trig = optimized_test_sigmas(run, spec, trig.x, device=device, log=log, which="triggered")[keep_t]
     t0 = time.perf_counter()
     v_clean = _votes(run, ens, test.x[keep], "clean", test.subset(keep).sha256(), log, sigma=sig_clean)
     trig_x = trig.x[keep_t]
@@ -235,6 +251,7 @@ def certify_ensemble_run(run: RunDirectory, cfg: EnsembleCertifyConfig, *, devic
                                zip(cfg.radii, np.atleast_1d(clean.certified_accuracy(list(cfg.radii))))},
         "acr": clean.acr(), "abstain_rate": clean.abstain_rate(),
         "certified_trigger_robustness": ctr_joint,
+        "asr_bound": _asr_bound(ctr_joint, triggered, target, cfg.alpha),
         "joint_trigger_norm_median": float(np.median(joint)) if len(joint) else None,
         "certified_trigger_robustness_test_time": ctr_test_time,
         "poisoned_training_points": int(len(data.poisoned.poison_indices)),
@@ -256,7 +273,7 @@ def certify_ensemble_run(run: RunDirectory, cfg: EnsembleCertifyConfig, *, devic
     return summary
 
 
-def _certify_sample_specific(run: RunDirectory, cfg: EnsembleCertifyConfig, spec: Any, data: Any,
+def _certify_sample_specific(run: RunDirectory, cfg: EnsembleCertifyConfig, spec: EnsembleSpec, data: PreparedData,
                              keep: np.ndarray, keep_t: np.ndarray, v_clean: EnsembleVotes, v_trig: EnsembleVotes,
                              *, device: str, log: Any) -> dict[str, Any]:
     """The three quantities of DESIGN.md section 3 for a sample-specific run (module docstring)."""
@@ -283,7 +300,8 @@ def _certify_sample_specific(run: RunDirectory, cfg: EnsembleCertifyConfig, spec
     clean = storage.result
     storage.store.save(run.file("store.npz"))
     run.record_file("store.npz")
-    joint_clean = np.where(storage.aligned, 0.0, np.minimum(joint_clean, clean.radius))
+    adjusted = storage.aligned | storage.trimmed | storage.maximised | storage.adopted
+    joint_clean = np.where(adjusted, np.nan, joint_clean)  # the store depends on the training set
     joint_trig = joint_l2_radius(gap_trig, triggered.sigma, scales)
     covered = attack_covered(gap_trig, triggered.sigma, w, t_trig)
     plain_joint = joint_trigger_norms(float(delta_sq.sum()), t_trig)
@@ -291,9 +309,16 @@ def _certify_sample_specific(run: RunDirectory, cfg: EnsembleCertifyConfig, spec
     ctr = float(np.mean((triggered.correct & covered)[non_target])) if non_target.any() else float("nan")
     ctr_plain = (float(np.mean((triggered.correct & (joint_trig > plain_joint))[non_target]))
                  if non_target.any() else float("nan"))
-    ctr_test_time = certified_trigger_robustness(clean, target=target)
-    joint_res = CertificationResult(label=clean.label, prediction=clean.prediction, radius=joint_clean,
-                                    p_lower=clean.p_lower, sigma=clean.sigma)
+    # test-time trigger robustness of the deployed memory classifier: the triggered queries in test order,
+    # before (without) their clean twins; the clean-first figure is only a diagnostic
+    deployed = StorageCertifier(order="given").certify(trig.x[keep_t], triggered)
+    deployed.store.save(run.file("store_triggered_first.npz"))
+    run.record_file("store_triggered_first.npz")
+    ctr_test_time = certified_triggered_accuracy(deployed.result, target=target)
+    ctr_test_time_diagnostic = certified_trigger_robustness(clean, target=target)
+    joint_res = CertificationResult(label=clean.label, prediction=clean.prediction,
+                                    radius=np.nan_to_num(joint_clean, nan=0.0), p_lower=clean.p_lower,
+                                    sigma=clean.sigma)
     undefended = run.load_model("undefended") if run.has_model("undefended") else None
     emp = (empirical_metrics(undefended, test.x, test.y, trig, device=device).to_dict()
            if undefended is not None else None)
@@ -314,17 +339,23 @@ def _certify_sample_specific(run: RunDirectory, cfg: EnsembleCertifyConfig, spec
                              "joint l2 radius = min(min_j s_j, sigma_i) * gap / 2",
         "certified_accuracy": {f"{r:g}": float(a) for r, a in zip(radii, np.atleast_1d(clean.certified_accuracy(radii)))},
         "acr": clean.acr(), "abstain_rate": clean.abstain_rate(),
-        "certified_accuracy_joint_l2": {f"{r:g}": float(a) for r, a in
-                                        zip(radii, np.atleast_1d(joint_res.certified_accuracy(radii)))},
-        "acr_joint_l2": joint_res.acr(),
-        "certified_trigger_robustness": ctr,
-        "certified_trigger_robustness_plain_joint_l2": ctr_plain,
+        "certified_accuracy_joint_l2_conditional_on_scales": {
+            f"{r:g}": float(a) for r, a in zip(radii, np.atleast_1d(joint_res.certified_accuracy(radii)))},
+        "acr_joint_l2_conditional_on_scales": joint_res.acr(),
+        "certified_trigger_robustness": None,  # no poisoning guarantee holds whatever scales the data induce
+        "certified_trigger_robustness_conditional_on_scales": ctr,
+        "certified_trigger_robustness_plain_joint_l2_conditional_on_scales": ctr_plain,
         "joint_trigger_norm_median": float(np.median(plain_joint)) if len(plain_joint) else None,
         "weighted_trigger_norm_median": float(np.median(weighted)) if len(weighted) else None,
         "weighted_poison_sum": w,
         "certified_trigger_robustness_test_time": ctr_test_time,
+        "asr_bound_test_time": _asr_bound(ctr_test_time, deployed.result, target, cfg.alpha),
+        "certified_trigger_robustness_test_time_clean_first_diagnostic": ctr_test_time_diagnostic,
         "poisoned_training_points": int(len(data.poisoned.poison_indices)),
-        "training_scales": stats(scales), "test_sigmas": stats(clean.sigma), "storage": storage.counts(),
+        "training_scales": stats(scales), "test_sigmas": stats(clean.sigma),
+        "storage": {"kind": "transductive, order-dependent", "clean_order": "clean test queries in test-set order",
+                    "triggered_order": "triggered queries in test-set order, before (without) their clean twins",
+                    "counts": storage.counts(), "triggered_counts": deployed.counts()},
         **bounds,
     }
     summary = _summary(spec, data, emp, row, SAMPLE_SPECIFIC_ASSUMPTION)
@@ -347,7 +378,7 @@ def _certify_sample_specific(run: RunDirectory, cfg: EnsembleCertifyConfig, spec
     return summary
 
 
-def _summary(spec: Any, data: Any, undefended: dict[str, Any] | None, row: dict[str, Any],
+def _summary(spec: EnsembleSpec, data: PreparedData, undefended: dict[str, Any] | None, row: dict[str, Any],
              assumption: str) -> dict[str, Any]:
     """The ``summary.json`` of an ensemble run: attack, dataset, undefended baseline, ensemble row."""
     trig = data.triggered
@@ -380,6 +411,19 @@ def _plot(run: RunDirectory, clean: CertificationResult, norm: float | None,
     run.record_file("plots/certified_accuracy.png")
 
 
+def _asr_bound(ctr: float | None, triggered: CertificationResult, target: int, alpha: float) -> dict | None:
+    """The whole-test-set ASR statement at 95% for a CTR over the non-target triggered rows. The members'
+    noise is shared by every test point, so the certificates' failures are not independent: Markov form."""
+    n = int((triggered.label != target).sum())
+    if ctr is None or not n or math.isnan(ctr):
+        return None
+    return simultaneous_asr_bound(ctr, n, alpha, 0.05, independent=False).to_dict()
+
+
+def _fmt(value: Any, width: int) -> str:
+    return f"{value:>{width}.3f}" if isinstance(value, (int, float)) and not math.isnan(value) else f"{'n/a':>{width}}"
+
+
 def ensemble_report_table(summary: dict[str, Any]) -> str:
     """Plain-text table of an ensemble run's summary."""
     att, row, emp = summary.get("attack", {}), summary.get("ensemble"), summary.get("undefended")
@@ -391,18 +435,26 @@ def ensemble_report_table(summary: dict[str, Any]) -> str:
         lines.append(f"ensemble (M={row['members']}, sigma={row['sigma']:g}, {row['bound']}, alpha={row['alpha']:g}): "
                      f"CA {row['ensemble_clean_accuracy']:.3f}  ASR {row['ensemble_asr']:.3f}")
         radii = list(row["certified_accuracy"])
-        lines.append("".join(f"{'CA@' + r:>9}" for r in radii) + f"{'ACR':>8}{'abstain':>9}{'CTR':>7}{'CTR(test)':>11}")
+        bound = (row.get("asr_bound") or {}).get("bound")
+        lines.append("".join(f"{'CA@' + r:>9}" for r in radii)
+                     + f"{'ACR':>8}{'abstain':>9}{'CTR':>7}{'ASR<=95%':>10}{'CTR(test)':>11}")
         lines.append("".join(f"{row['certified_accuracy'][r]:>9.3f}" for r in radii)
-                     + f"{row['acr']:>8.3f}{row['abstain_rate']:>9.3f}{row['certified_trigger_robustness']:>7.3f}"
-                     f"{row['certified_trigger_robustness_test_time']:>11.3f}")
-        if "acr_joint_l2" in row:
-            lines.append(f"sample-specific scales: radius = sigma_i * gap / 2 (test-sigma units); joint l2 ACR "
-                         f"{row['acr_joint_l2']:.3f}; CTR by the weighted condition (plain joint l2: "
-                         f"{row['certified_trigger_robustness_plain_joint_l2']:.3f}). "
-                         "Holds conditional on the data-chosen scales (see training_assumption).")
+                     + f"{row['acr']:>8.3f}{row['abstain_rate']:>9.3f}"
+                     + _fmt(row["certified_trigger_robustness"], 7) + _fmt(bound, 10)
+                     + _fmt(row["certified_trigger_robustness_test_time"], 11))
+        conditional = row.get("certified_trigger_robustness_conditional_on_scales")
+        if conditional is not None or "acr_joint_l2" in row:  # sample-specific scales (old runs: unlabelled keys)
+            acr_c = row.get("acr_joint_l2_conditional_on_scales", row.get("acr_joint_l2"))
+            ctr_c = conditional if conditional is not None else row.get("certified_trigger_robustness")
+            lines.append(f"sample-specific scales: radius = sigma_i * gap / 2 (test-sigma units). CONDITIONAL on the "
+                         f"data-chosen training scales (not certificates against poisoning, see "
+                         f"training_assumption): joint l2 ACR {acr_c:.3f}, CTR by the weighted condition "
+                         f"{ctr_c:.3f}. CTR(test) is transductive: triggered queries before their clean twins.")
         lines.append(f"CTR: triggered non-target inputs certified correct beyond the joint norm (median "
                      f"{row['joint_trigger_norm_median'] or float('nan'):.3f} = sqrt(sum ||Delta_j||^2 + ||t||^2) over "
-                     f"{row['poisoned_training_points']} poisoned points); CTR(test): clean inputs certified beyond ||t||.")
+                     f"{row['poisoned_training_points']} poisoned points); ASR<=95%: whole-test-set bound on the "
+                     "ensemble's ASR at probability 0.95 (Markov form: the members' noise is shared by all points); "
+                     "CTR(test): clean inputs certified beyond ||t||.")
     return "\n".join(lines)
 
 

@@ -128,7 +128,15 @@ from certkit.io import file_lock
 from certkit.errors import CertkitError, InputError, RecordError
 from certkit.parallel import check_backend, check_n_jobs, check_scheduler, map_tasks
 from certkit.runs.rundir import RunDirectory
-from certkit.seeding import STREAM_MEMBER_INIT, STREAM_TEST_NOISE, STREAM_TRAIN_NOISE, derive_seed
+from certkit.seeding import (
+    STREAM_MEMBER_INIT,
+    STREAM_SIGMA_REFERENCE,
+    STREAM_SIGMA_TEST,
+    STREAM_SIGMA_TRAIN,
+    STREAM_TEST_NOISE,
+    STREAM_TRAIN_NOISE,
+    derive_seed,
+)
 
 __all__ = [
     "load_ensemble",
@@ -161,21 +169,19 @@ TRAINING_SIGMAS = "training_sigmas.npz"
 #: The caveat that goes with every training-side certificate of a sample-specific run (DESIGN.md section 3).
 SAMPLE_SPECIFIC_ASSUMPTION = (
     "sample-specific noise: member m trains on x_j + s_j * z_mj (z_mj a fixed N(0, I) draw per member) and "
-    "evaluates test point i at x_i + sigma_i * z_m; the training scales s_j and the test scales sigma_i were "
-    "chosen by gradient ascent on the (possibly poisoned) training data and on the clean test input, so the "
-    "smoothing distribution depends on the data and every certificate holds conditional on these scales as "
-    "fixed; certificates cover feature perturbations with labels as they are. radius = sigma_i * gap / 2 "
-    "(test-sigma units, Cert-SSB convention: a test-input perturbation with clean training data); joint l2 "
-    "radius = min(min_j s_j, sigma_i) * gap / 2; a concrete attack is covered when "
-    "sum_j ||Delta_j||^2 / s_j^2 + ||t_i||^2 / sigma_i^2 < (gap / 2)^2"
+    "evaluates test query i at x_i + sigma_i * z_m; the training scales s_j were chosen by gradient ascent on "
+    "the (possibly poisoned) training data, so every guarantee against training-set perturbations holds only "
+    "conditional on these scales as fixed and is reported in *_conditional_on_scales columns, never as "
+    "certified accuracy or CTR; the test scales sigma_i are chosen on each query itself (deployable). "
+    "radius = sigma_i * gap / 2 (test-sigma units, Cert-SSB convention: a test-input perturbation with the "
+    "deployed members fixed; storage-update certificates, transductive); joint l2 radius = "
+    "min(min_j s_j, sigma_i) * gap / 2; a concrete attack is covered when "
+    "sum_j ||Delta_j||^2 / s_j^2 + ||t_i||^2 / sigma_i^2 < (gap / 2)^2 (conditional on the scales)"
 )
 _SEED_LIMIT = 2**32
 _SCALES_FORMAT = 1
 #: Stream tags of the sample-specific scales (apart from certkit.seeding's tags; the seeds derived with them
 #: are the ``seed`` handed to :func:`certkit.certify.sigma.optimize_sigma`, which derives its own per-input streams).
-STREAM_SIGMA_REFERENCE = 30  # reference model: weight initialisation, batch order, augmentation noise
-STREAM_SIGMA_TRAIN = 31  # seed of the SGA of the training scales
-STREAM_SIGMA_TEST = 32  # seed of the SGA of the test scales (certkit.ensemble_runs)
 _SIGMA_DEFAULTS = {"sigma_steps": None, "sigma_lr": 1e-4, "sigma_max": None, "sigma_detach_model": True}
 
 
@@ -340,7 +346,7 @@ def _as_spec(spec: EnsembleSpec | Mapping[str, Any]) -> EnsembleSpec:
     raise InputError(f"spec must be an EnsembleSpec or a dict, got {type(spec).__name__}")
 
 
-def _seeded_model(spec: EnsembleSpec, data: Any, seed: int) -> torch.nn.Module:
+def _seeded_model(spec: EnsembleSpec, data: PreparedData, seed: int) -> torch.nn.Module:
     """A fresh ``spec.model`` for ``data`` whose initial weights depend on ``seed`` only (global RNG untouched)."""
 
     with torch.random.fork_rng(devices=[]):

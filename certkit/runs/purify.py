@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from certkit._validation import check_positive_int
+from certkit._validation import check_positive_int, check_seed
 from certkit.backdoor.prepare import prepare_data
 from certkit.backdoor.training import noise_finetune
 import purifiers
@@ -106,8 +106,7 @@ class PurifyConfig:
         reserved = sorted({"device", "progress"} & set(self.params))
         if reserved:
             raise InputError(f"pass {', '.join(reserved)} with --device / --no-progress, not --param")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise InputError(f"--seed must be a non-negative integer, got {self.seed!r}")
+        self.seed = check_seed(self.seed)
         if self.noise_finetune_epochs:
             check_positive_int(self.noise_finetune_epochs, "--noise-finetune")
         elif self.noise_finetune_epochs != 0:

@@ -22,8 +22,9 @@ Cells (the ``defenses`` of the spec):
 * every model above is then smoothed at test time: a short Gaussian-noise fine-tune on the defender's clean
   data (:func:`certkit.backdoor.training.noise_finetune`, ``noise_finetune_epochs``) and Cohen et al.'s CERTIFY at
   ``sigma`` on the clean test set: certified accuracy at ``radii``, ACR and certified trigger robustness
-  (non-target points certified correct beyond the trigger's l2 norm at that point; ``1 -`` it bounds the
-  smoothed classifier's ASR);
+  (non-target points certified correct beyond the trigger's l2 norm at that point; each certificate holds at
+  ``1 - alpha`` on its own, and ``asr_bound_95`` is the whole-test-set bound on the smoothed ASR that holds with
+  probability >= 0.95, :func:`certkit.certify.metrics.simultaneous_asr_bound`);
 * ``rab``: a training-time smoothed ensemble (RAB, Weber et al. 2023) of ``ensemble_members`` models
   trained on the poisoned data with noise ``sigma``, certified with the joint trigger norm
   ``sqrt(sum_j ||Delta_j||^2 + ||t||^2)`` (:mod:`certkit.runs.ensemble_certify`);
@@ -64,7 +65,7 @@ from certkit.backdoor.data import load_dataset
 from certkit.backdoor.metrics import defense_effectiveness_rating, empirical_metrics
 from certkit.backdoor.models import MODELS, build_model
 from certkit.backdoor.training import noise_finetune, train_model
-from certkit.certify.metrics import certified_trigger_robustness
+from certkit.certify.metrics import certified_trigger_robustness, simultaneous_asr_bound
 from certkit.certify.smoothing import RandomizedSmoothing
 from certkit.devices import resolve_device
 import purifiers
@@ -74,6 +75,7 @@ from certkit.errors import CertkitError, InputError, RecordError
 from certkit.io import to_jsonable
 from certkit.runs.compare.plots import write_plots
 from certkit.runs.compare.spec import (
+    ASR_BOUND_DELTA,
     NOT_AVAILABLE,
     RUN_KIND,
     CompareSpec,
@@ -206,12 +208,13 @@ def _smoothed(spec: CompareSpec, model: torch.nn.Module, data: _Data, device: st
         trigger_norm=norms)
     ctr = certified_trigger_robustness(res, target=spec.target)
     nt = test.y[keep].numpy() != spec.target
+    bound = simultaneous_asr_bound(ctr, int(nt.sum()), spec.alpha, ASR_BOUND_DELTA) if nt.any() else None
     return {
         "smoothed_ca": res.accuracy(),
         "certified_accuracy": {f"{r:g}": float(a) for r, a in
                                zip(spec.radii, np.atleast_1d(res.certified_accuracy(list(spec.radii))))},
         "acr": res.acr(), "abstain_rate": res.abstain_rate(), "ctr": ctr,
-        "certified_asr_bound": None if math.isnan(ctr) else 1.0 - ctr,
+        "asr_bound_95": None if bound is None else bound.bound,
         "trigger_norm": float(np.median(norms.numpy()[nt])) if nt.any() else None,
         "certify_s": time.perf_counter() - t0, "curve": _curve(res),
     }
@@ -284,11 +287,13 @@ def _ensemble_cell(spec: CompareSpec, cell: Mapping[str, Any], run: RunDirectory
         "der": defense_effectiveness_rating(before.clean_accuracy, before.attack_success_rate, ca, asr),
         "smoothed_ca": ens["certified_accuracy"].get("0", float(np.mean(clean["correct"]))),
         "certified_accuracy": ens["certified_accuracy"], "acr": ens["acr"], "abstain_rate": ens["abstain_rate"],
-        "ctr": ctr, "certified_asr_bound": None if ctr is None or math.isnan(ctr) else 1.0 - ctr,
+        "ctr": ctr, "ctr_conditional": ens.get("certified_trigger_robustness_conditional_on_scales"),
+        "asr_bound_95": (ens.get("asr_bound") or {}).get("bound"),
         "trigger_norm": ens.get("joint_trigger_norm_median"),
         "curve": {"n_points": int(len(clean)), "correct_radii": [round(float(r), 6) for r in radii]},
-        "note": ("joint trigger norm; radius in test-sigma units, CTR by the weighted condition, conditional on "
-                 "the data-chosen scales" if ssb else "joint trigger norm sqrt(sum ||Delta_j||^2 + ||t||^2)"),
+        "note": ("joint trigger norm; radius in test-sigma units; no CTR holds whatever training scales the data "
+                 "induce, so ctr is empty and ctr_conditional holds only for the data-chosen scales as fixed"
+                 if ssb else "joint trigger norm sqrt(sum ||Delta_j||^2 + ||t||^2)"),
         "status": "ok", "reason": "",
     }
 
