@@ -1,0 +1,1 @@
+"""runs layer (see certkit/__init__.py for the layering)."""

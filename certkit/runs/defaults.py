@@ -1,0 +1,31 @@
+"""Default settings of every run kind, in one place: the run configs' dataclasses take their defaults from here
+and the CLI shows them in ``--help`` without importing the heavy modules (so ``certkit --help`` stays fast).
+
+>>> TRAIN["epochs"], CERTIFY["n"]
+(30, 10000)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: :class:`certkit.runs.single.TrainConfig` (``certkit train``)
+TRAIN: dict[str, Any] = {"dataset": "digits", "model": "digits-cnn", "attack": "badnets", "poison_rate": 0.1,
+                         "target": 0, "epochs": 30, "lr": 1e-3, "batch_size": 64, "noise_sigmas": (0.0,), "seed": 0}
+#: :class:`certkit.runs.single.CertifyConfig` (``certkit certify``)
+CERTIFY: dict[str, Any] = {"n0": 100, "n": 10_000, "alpha": 0.001, "seed": 0, "batch_size": 2000,
+                           "sigma_modes": ("fixed",), "sigma_steps": 1000, "sigma_lr": 1e-4}
+#: :func:`certkit.runs.demo.run_demo` (``certkit demo``)
+DEMO: dict[str, Any] = {"out": "runs/demo", "sigmas": (0.12, 0.25, 0.5), "n": 1000, "epochs": 30,
+                        "poison_rate": 0.1}
+#: :class:`certkit.runs.ensemble_train.EnsembleSpec` (``certkit ensemble train``)
+ENSEMBLE: dict[str, Any] = {"model": "digits-cnn", "poison_rate": 0.02, "members": 50, "sigma": 0.5,
+                            "noise": "fixed", "epochs": 10, "lr": 1e-3, "batch_size": 64, "sigma_steps": 1000,
+                            "sigma_lr": 1e-4}
+#: :class:`certkit.runs.ensemble_certify.EnsembleCertifyConfig` (``certkit ensemble certify``)
+ENSEMBLE_CERTIFY: dict[str, Any] = {"alpha": 0.001, "bound": "clopper-pearson", "batch_size": 1024}
+#: :func:`certkit.runs.ensemble_certify.run_ensemble_demo` (``certkit demo --mode ensemble``)
+ENSEMBLE_DEMO: dict[str, Any] = {"out": "runs/demo-ensemble", "sigmas": (0.5,), "members": 50, "epochs": 10,
+                                 "poison_rate": 0.02, "n_jobs": 2}
+#: :class:`certkit.runs.purify.PurifyConfig` (``certkit purify``)
+PURIFY: dict[str, Any] = {"noise_finetune_epochs": 0, "noise_sigma": 0.25, "seed": 0}
