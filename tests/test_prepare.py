@@ -72,7 +72,7 @@ def test_the_cache_returns_the_same_object_for_equal_configs():
     ("seed", 2**32, "seed must be an integer in [0, 2**32)"),
     ("seed", 1.0, "seed must be an integer in [0, 2**32)"),
     ("dataset", "", "dataset must be a non-empty string"),
-    ("attack_params", {"alpha": float("inf")}, "attack_params must be JSON serialisable"),
+    ("attack_params", {"alpha": float("inf")}, "attack params must be JSON serialisable"),
 ])
 def test_every_data_field_is_checked_once_for_every_run_kind(field, value, message):
     for make in (DataConfig, TrainConfig, lambda **kw: EnsembleSpec(members=1, **kw)):

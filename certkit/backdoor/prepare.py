@@ -34,7 +34,7 @@ from certkit.backdoor.attacks import Attack, PoisonedDataset, TriggeredSet, make
 from certkit.backdoor.data import ArrayDataset, DatasetSplits, load_dataset
 from certkit.errors import InputError
 
-__all__ = ["DATA_FIELDS", "DataConfig", "PreparedData", "draw_clean_indices", "prepare_data"]
+__all__ = ["DATA_FIELDS", "check_attack", "DataConfig", "PreparedData", "draw_clean_indices", "prepare_data"]
 
 #: the config fields that define a run's data (shared by TrainConfig, EnsembleSpec and CompareSpec)
 DATA_FIELDS = ("dataset", "data_root", "attack", "attack_params", "poison_rate", "target", "seed")
@@ -79,6 +79,26 @@ class DataConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+def check_attack(name: Any, params: Any = None, where: str = "attack") -> tuple[str, dict[str, Any]]:
+    """An attack name and its parameters, checked by building the attack; the parameters come back as plain
+    JSON values (what a run's config stores). ``where`` names the setting in error messages.
+
+    >>> check_attack("badnets", {"patch_size": 3})
+    ('badnets', {'patch_size': 3})
+    """
+    if not isinstance(name, str):
+        raise InputError(f"{where} must be a string naming an attack, got {name!r}")
+    params = {} if params is None else params
+    if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
+        raise InputError(f"{where} params must be a mapping with string keys, got {params!r}")
+    try:
+        params = json.loads(json.dumps(dict(params), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{where} params must be JSON serialisable (finite numbers): {exc}") from exc
+    make_attack(name, **params)  # validates the name and the parameters
+    return name, params
+
+
 def check_data_fields(*, dataset: Any = "digits", data_root: Any = None, attack: Any = "badnets",
                       attack_params: Any = None, poison_rate: Any = 0.1, target: Any = 0,
                       seed: Any = 0) -> dict[str, Any]:
@@ -92,16 +112,7 @@ def check_data_fields(*, dataset: Any = "digits", data_root: Any = None, attack:
         if not isinstance(data_root, (str, os.PathLike)):
             raise InputError(f"data_root must be a path or None, got {type(data_root).__name__}")
         data_root = os.fspath(data_root)
-    if not isinstance(attack, str):
-        raise InputError(f"attack must be a string, got {attack!r}")
-    attack_params = {} if attack_params is None else attack_params
-    if not isinstance(attack_params, Mapping) or not all(isinstance(k, str) for k in attack_params):
-        raise InputError(f"attack_params must be a mapping with string keys, got {attack_params!r}")
-    try:
-        attack_params = json.loads(json.dumps(dict(attack_params), allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"attack_params must be JSON serialisable (finite numbers): {exc}") from exc
-    make_attack(attack, **attack_params)  # validates the name and the parameters
+    attack, attack_params = check_attack(attack, attack_params)
     poison_rate = check_number(poison_rate, "poison_rate")
     if not 0.0 <= poison_rate < 1.0:
         raise InputError(f"poison_rate must lie in [0, 1), got {poison_rate!r}")

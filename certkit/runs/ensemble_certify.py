@@ -46,9 +46,10 @@ import io
 import json
 import math
 import os
+import time
 import warnings
 import zipfile
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ import torch
 from certkit._validation import check_alpha, check_choice, check_positive_int
 from certkit.backdoor.metrics import empirical_metrics
 from certkit.backdoor.models import build_model
+from certkit.backdoor.prepare import PreparedData, prepare_data
 from certkit.backdoor.training import train_model
 from certkit.certify.ensemble import (
     BOUNDS,
@@ -82,16 +84,15 @@ from certkit.certify.plots import plot_certified_accuracy, save_figure
 from certkit.certify.results import CertificationResult
 from certkit.certify.storage import StorageCertifier
 from certkit.devices import resolve_device
-from certkit.backdoor.prepare import PreparedData, prepare_data
-from certkit.runs.defaults import ENSEMBLE_CERTIFY, ENSEMBLE_DEMO
 from certkit.errors import InputError, RecordError
+from certkit.runs.defaults import ENSEMBLE_CERTIFY, ENSEMBLE_DEMO
 from certkit.runs.ensemble_train import (
-    load_ensemble,
     REFERENCE_MODEL,
     SAMPLE_SPECIFIC_ASSUMPTION,
     STREAM_SIGMA_TEST,
     EnsembleSpec,
     check_scales,
+    load_ensemble,
     load_training_scales,
     optimize_sample_sigmas,
     train_ensemble,

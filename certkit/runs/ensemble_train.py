@@ -116,17 +116,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from certkit._validation import check_choice, check_number, check_positive_int, check_positive_array
+from certkit._validation import check_choice, check_number, check_positive_array, check_positive_int
 from certkit.backdoor.models import MODELS, build_model
 from certkit.backdoor.prepare import DATA_FIELDS, PreparedData, check_data_fields, prepare_data
 from certkit.backdoor.training import train_model
-from certkit.devices import resolve_device, check_device_name
 from certkit.certify.ensemble import SmoothedEnsemble
 from certkit.certify.sigma import optimize_sigma
-from certkit.runs.defaults import ENSEMBLE
-from certkit.io import file_lock
+from certkit.devices import check_device_name, resolve_device
 from certkit.errors import CertkitError, InputError, RecordError
+from certkit.io import file_lock
 from certkit.parallel import check_backend, check_n_jobs, check_scheduler, map_tasks
+from certkit.runs.defaults import ENSEMBLE
 from certkit.runs.rundir import RunDirectory
 from certkit.seeding import (
     STREAM_MEMBER_INIT,

@@ -13,11 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from certkit.backdoor.models import model_from_spec
+from certkit._validation import check_choice, check_positive_int
+from certkit.backdoor.models import build_model, model_from_spec
 from certkit.backdoor.prepare import PreparedData
 from certkit.certify.patch import KINDS, AblatedModel, ablation_input_channels
-from certkit._validation import check_choice, check_positive_int
-from certkit.backdoor.models import build_model
 from certkit.errors import InputError
 from certkit.runs.rundir import RunDirectory
 from purifiers.npd import NeuralPolarizer, Polarized

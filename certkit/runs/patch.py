@@ -26,22 +26,18 @@ import pandas as pd
 import torch
 
 from certkit._validation import check_choice, check_float, check_positive_int, check_seed
-from certkit.backdoor.models import build_model
 from certkit.backdoor.prepare import PreparedData, prepare_data
 from certkit.certify.patch import (
-    KINDS,
     RULES,
     THREAT_MODEL,
-    AblatedModel,
     PatchCertificate,
-    ablation_input_channels,
     derandomized_certify,
     patch_trigger_robustness,
     patchcleanser_certify,
 )
 from certkit.certify.plots import _pyplot, save_figure
 from certkit.errors import InputError
-from certkit.runs.models import ablated_model_name, build_ablated_model, build_model_from_spec
+from certkit.runs.models import build_model_from_spec
 from certkit.runs.rundir import RunDirectory
 from certkit.runs.single import RUN_KIND, TrainConfig
 

@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
+import purifiers
 from certkit._validation import check_positive_int, check_seed
 from certkit.backdoor.prepare import prepare_data
 from certkit.backdoor.training import noise_finetune
-import purifiers
-from certkit.runs.defaults import PURIFY
 from certkit.errors import InputError, UnknownNameError
+from certkit.runs.defaults import PURIFY
 from certkit.runs.models import NOISE_SUFFIX, PURIFIED_PREFIX, load_run_model, purified_spec
 from certkit.runs.rundir import RunDirectory
 from certkit.runs.single import RUN_KIND, TrainConfig
@@ -214,7 +214,6 @@ __all__ = [
     "PurifyConfig",
     "default_clean_fraction",
     "parse_params",
-    "purified_noise_sigmas",
     "purify_run",
 ]
 

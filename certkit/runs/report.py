@@ -7,13 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from certkit.certify.results import CertificationResult
 from certkit.errors import RecordError
 from certkit.runs.ensemble_certify import ensemble_report_table
-from certkit.runs.plots import plot_certified_rows
 from certkit.runs.patch import patch_table
+from certkit.runs.plots import plot_certified_rows
 from certkit.runs.rundir import RunDirectory
 
 __all__ = ["purified_table", "report", "report_table"]

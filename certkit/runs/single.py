@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,25 +27,28 @@ import torch
 from certkit._validation import check_alpha, check_choice, check_float, check_positive_int, check_seed
 from certkit.backdoor.metrics import empirical_metrics
 from certkit.backdoor.models import MODELS, build_model
-from certkit.backdoor.prepare import DATA_FIELDS, check_data_fields, prepare_data
+from certkit.backdoor.prepare import DATA_FIELDS, PreparedData, check_data_fields, prepare_data
 from certkit.backdoor.training import train_model
 from certkit.certify.metrics import (
     certified_trigger_robustness,
     certified_triggered_accuracy,
     simultaneous_asr_bound,
 )
+from certkit.certify.patch import KINDS as ABLATIONS
+from certkit.certify.patch import ablation_train_transform, derandomized_certify
 from certkit.certify.results import CertificationResult
 from certkit.certify.sigma import SigmaResult, optimize_sigma
 from certkit.certify.smoothing import RandomizedSmoothing
 from certkit.certify.storage import StorageCertifier
-from certkit.runs.defaults import CERTIFY, TRAIN
 from certkit.devices import resolve_device
-from certkit.runs.models import purified_noise_sigmas
 from certkit.errors import InputError, RecordError
-from certkit.runs.models import ablated_model_name, build_ablated_model, build_model_from_spec
-from certkit.certify.patch import KINDS as ABLATIONS
-from certkit.certify.patch import ablation_train_transform, derandomized_certify
-from certkit.backdoor.prepare import PreparedData
+from certkit.runs.defaults import CERTIFY, TRAIN
+from certkit.runs.models import (
+    ablated_model_name,
+    build_ablated_model,
+    build_model_from_spec,
+    purified_noise_sigmas,
+)
 from certkit.runs.plots import plot_certified_rows
 from certkit.runs.rundir import RunDirectory
 

@@ -40,53 +40,43 @@ are retried. Delete ``cells/<cell_id>.json`` to recompute one cell.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import hashlib
 import json
-import math
 import os
 import time
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from joblib import Parallel, delayed
 from tqdm.auto import tqdm
 
-from certkit._validation import check_alpha, check_choice
-from certkit.backdoor.attacks import make_attack, triggered_test_set
-from certkit.backdoor.data import load_dataset
+import purifiers
 from certkit.backdoor.metrics import defense_effectiveness_rating, empirical_metrics
-from certkit.backdoor.models import MODELS, build_model
+from certkit.backdoor.models import build_model
+from certkit.backdoor.prepare import DataConfig, PreparedData, prepare_data
 from certkit.backdoor.training import noise_finetune, train_model
 from certkit.certify.metrics import certified_trigger_robustness, simultaneous_asr_bound
 from certkit.certify.smoothing import RandomizedSmoothing
 from certkit.devices import resolve_device
-import purifiers
-from certkit.backdoor.prepare import DataConfig, PreparedData, prepare_data
-from certkit.parallel import check_backend, check_n_jobs, check_scheduler, map_tasks
-from certkit.errors import CertkitError, InputError, RecordError
+from certkit.errors import CertkitError, RecordError
 from certkit.io import to_jsonable
+from certkit.parallel import check_backend, check_n_jobs, check_scheduler, map_tasks
 from certkit.runs.compare.plots import write_plots
 from certkit.runs.compare.spec import (
     ASR_BOUND_DELTA,
     NOT_AVAILABLE,
     RUN_KIND,
     CompareSpec,
-    _canonical,
 )
 from certkit.runs.compare.table import write_table
 from certkit.runs.ensemble_certify import EnsembleCertifyConfig, certify_ensemble_run
 from certkit.runs.ensemble_train import EnsembleSpec, train_ensemble
 from certkit.runs.rundir import RunDirectory
 from purifiers.reactivation import reactivation_asr as _reactivation_asr
-
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from certkit._validation import check_alpha, check_choice, check_float, check_positive_int, check_seed
-from certkit.backdoor.attacks import make_attack
-from certkit.backdoor.models import MODELS
 import purifiers
+from certkit._validation import check_alpha, check_choice, check_float, check_positive_int, check_seed
+from certkit.backdoor.models import MODELS
+from certkit.backdoor.prepare import check_attack
 from certkit.errors import InputError, UnknownNameError
 
 RUN_KIND = "compare"
@@ -65,16 +64,7 @@ def _attack_entry(a: Any, i: int) -> dict[str, Any]:
     unknown = sorted(set(a) - {"name", "params"})
     if unknown:
         raise InputError(f"unknown key(s) in attacks[{i}]: {', '.join(unknown)}; allowed: name, params")
-    name, params = a.get("name"), a.get("params") or {}
-    if not isinstance(name, str):
-        raise InputError(f"attacks[{i}] needs a name (string), got {name!r}")
-    if not isinstance(params, Mapping):
-        raise InputError(f"attacks[{i}].params must be a mapping, got {params!r}")
-    try:
-        params = json.loads(json.dumps(dict(params), allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"attacks[{i}].params must be JSON serialisable: {exc}") from exc
-    make_attack(name, **params)  # validates the name and the parameters
+    name, params = check_attack(a.get("name"), a.get("params"), where=f"attacks[{i}]")
     return {"name": name, "params": params}
 
 

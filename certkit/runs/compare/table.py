@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from certkit.errors import RecordError
