@@ -423,7 +423,7 @@ def _ensemble(args: argparse.Namespace, progress: bool) -> int:
         sample_specific = args.noise == "sample-specific"
         spec = EnsembleSpec(**_given(args, **_DATA_FLAGS, model="model", members="members", sigma="sigma",
                                      noise="noise", epochs="epochs", lr="lr", batch_size="batch_size"),
-                            **({"sigma_steps": args.sigma_steps or D.ENSEMBLE["sigma_steps"],
+                            **({"sigma_steps": D.ENSEMBLE["sigma_steps"] if args.sigma_steps is None else args.sigma_steps,
                                 **_given(args, sigma_lr="sigma_lr")} if sample_specific else {}))
         run = train_ensemble_run(spec, args.out, scheduler=args.scheduler, device=args.device, progress=progress,
                                  **_given(args, n_jobs="n_jobs"))
