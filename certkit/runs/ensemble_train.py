@@ -116,7 +116,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from certkit._validation import check_choice, check_number, check_positive_array, check_positive_int
+from certkit._validation import (
+    check_choice,
+    check_float,
+    check_number,
+    check_positive_array,
+    check_positive_int,
+)
 from certkit.backdoor.models import MODELS, build_model
 from certkit.backdoor.prepare import DATA_FIELDS, PreparedData, check_data_fields, prepare_data
 from certkit.backdoor.training import train_model
@@ -255,16 +261,12 @@ class EnsembleSpec:
             raise InputError(f"model must be a string, got {self.model!r}")
         check_choice(self.model, MODELS, "model")
         self.members = check_positive_int(self.members, "members")
-        self.sigma = _number(self.sigma, "sigma")
-        if not math.isfinite(self.sigma) or self.sigma <= 0:
-            raise InputError(f"sigma must be a finite number > 0, got {self.sigma!r}")
+        self.sigma = check_float(self.sigma, "sigma", strict=True)
         if not isinstance(self.noise, str):
             raise InputError(f"noise must be a string, got {self.noise!r}")
         check_choice(self.noise, NOISE_MODES, "noise mode")
         self.epochs = check_positive_int(self.epochs, "epochs")
-        self.lr = _number(self.lr, "lr")
-        if not math.isfinite(self.lr) or self.lr <= 0:
-            raise InputError(f"lr must be a finite number > 0, got {self.lr!r}")
+        self.lr = check_float(self.lr, "lr", strict=True)
         self.batch_size = check_positive_int(self.batch_size, "batch_size")
         self.threads_per_member = check_positive_int(self.threads_per_member, "threads_per_member")
         self._check_sigma_fields()
