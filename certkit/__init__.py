@@ -1,6 +1,6 @@
 """certkit: certification-first toolkit for backdoor robustness of neural networks.
 
-The package is layered (``docs/design.md``, section "Layout"); a module imports only from its own layer or
+The package is layered (``docs/design.md`` section 4); a module imports only from its own layer or
 a lower one:
 
 * ``certkit.errors``, ``_validation``, ``io``, ``seeding``, ``devices``, ``parallel``, ``version``: the base;

@@ -19,8 +19,8 @@ from typing import Any
 from certkit.errors import CertkitError
 from certkit.runs import defaults as D
 
-EPILOG = ("Run directories hold manifest.json, summary.json, points.csv, models/ and plots/ (see docs/design.md, "
-          "section Records).")
+EPILOG = ("Run directories hold manifest.json, summary.json, points.csv, models/ and plots/ (see docs/design.md "
+          "section 7).")
 
 
 #: registered purification methods (purifiers.available(); repeated here so that --help never imports torch,
@@ -215,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     pur.add_argument("--seed", type=_integer, default=None, help=f"seed of the clean draw, the method and the fine-tune (default: {D.PURIFY['seed']})")
     _add_common(pur)
 
-    ens = sub.add_parser("ensemble", help="training-time smoothing (RAB ensembles): train, certify",
-                         description="Mode B: an ensemble of models trained on noised (possibly poisoned) data.")
+    ens = sub.add_parser("ensemble", help="ensembles: RAB smoothing (Mode B) or aggregation (DPA/FA/bagging, Mode D)",
+                         description="Mode B: an ensemble of models trained on noised (possibly poisoned) data "
+                         "(layout full-noise); Mode D: members trained on pieces of the data (partition, "
+                         "finite-aggregation, bootstrap), certified against a number of poisoned samples.")
     ens_sub = ens.add_subparsers(dest="ensemble_command", metavar="ACTION", parser_class=_Parser)
     etrain = ens_sub.add_parser("train", help="train (or resume) the members of an ensemble run",
                                 description="Train M members, each on the poisoned training set plus one fixed "
@@ -244,6 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     etrain.add_argument("--lr", type=_positive_float, default=None, help=f"Adam learning rate (default: {D.ENSEMBLE['lr']})")
     etrain.add_argument("--batch-size", type=_integer, default=None, help=f"training batch size (default: {D.ENSEMBLE['batch_size']})")
     etrain.add_argument("--seed", type=_integer, default=None, help=f"run seed; member seeds derive from (seed, member) (default: {D.TRAIN['seed']})")
+    etrain.add_argument("--layout", choices=["full-noise", "partition", "finite-aggregation", "bootstrap"], default=None,
+                        help="which data each member sees: full-noise (RAB: all of it plus noise; the default), "
+                        "partition (DPA: k hash partitions, one member each), finite-aggregation (FA: k*d subsets, "
+                        "each sample in d of them), bootstrap (bagging: --members draws of k samples); the "
+                        "aggregation layouts train without noise")
+    etrain.add_argument("--k", type=_integer, default=None,
+                        help="partition / finite-aggregation: number of partitions k; bootstrap: samples per draw")
+    etrain.add_argument("--d", type=_integer, default=None, help="finite-aggregation: subsets per sample d")
+    etrain.add_argument("--ablation", choices=["column", "block"], default=None,
+                        help="aggregation layouts: train each member as a de-randomized smoothing model (for the "
+                        "joint certificate)")
+    etrain.add_argument("--band", type=_integer, default=None, help="with --ablation: band (block) width kept")
     etrain.add_argument("--n-jobs", type=_integer, default=1, help="parallel member trainings with joblib (default: 1)")
     etrain.add_argument("--scheduler", default=None,
                         help="Dask scheduler address tcp://HOST:PORT: train members on that cluster instead of joblib")
@@ -252,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Collect the members' votes on the clean and triggered test sets (once) "
                                "and turn them into certificates for the given alpha and bound.")
     ecert.add_argument("run_dir", help="ensemble run directory")
+    ecert.add_argument("--certificate", choices=["l2", "dpa", "roe", "fa", "fa-roe", "bagging", "joint"], default=None,
+                       help="l2 (RAB, full-noise runs); poisoning-count certificates from the saved member outputs: "
+                       "dpa, roe (DPA+ROE; partition runs), fa, fa-roe (finite-aggregation runs), bagging "
+                       "(bootstrap runs), joint (partition runs trained with --ablation: poisoning and a patch). "
+                       "Default: the run's own (l2, dpa, fa or bagging); another layout's certificate is refused")
+    ecert.add_argument("--patch-size", type=_integer, default=None,
+                       help="joint: patch side each member must be certified at (default: the trigger's side)")
+    ecert.add_argument("--bonferroni", action="store_true",
+                       help="bagging: correct alpha over all certified points (simultaneous instead of per point)")
     ecert.add_argument("--alpha", type=_number, default=None, help=f"failure probability per certificate (default: {D.ENSEMBLE_CERTIFY['alpha']})")
     ecert.add_argument("--bound", choices=["clopper-pearson", "hoeffding"], default=None,
                        help=f"hard votes with Clopper-Pearson, or mean soft scores with Hoeffding (default: {D.ENSEMBLE_CERTIFY['bound']})")
@@ -422,20 +445,25 @@ def _ensemble(args: argparse.Namespace, progress: bool) -> int:
 
         sample_specific = args.noise == "sample-specific"
         spec = EnsembleSpec(**_given(args, **_DATA_FLAGS, model="model", members="members", sigma="sigma",
-                                     noise="noise", epochs="epochs", lr="lr", batch_size="batch_size"),
+                                     noise="noise", epochs="epochs", lr="lr", batch_size="batch_size",
+                                     layout="layout", k="k", d="d", ablation="ablation", band="band"),
                             **({"sigma_steps": D.ENSEMBLE["sigma_steps"] if args.sigma_steps is None else args.sigma_steps,
                                 **_given(args, sigma_lr="sigma_lr")} if sample_specific else {}))
         run = train_ensemble_run(spec, args.out, scheduler=args.scheduler, device=args.device, progress=progress,
                                  **_given(args, n_jobs="n_jobs"))
         print(f"run directory: {run.path}")
         return 0
-    from certkit.runs.ensemble_certify import EnsembleCertifyConfig, certify_ensemble
+    from certkit.runs.aggregation import AggregationCertifyConfig, certify_ensemble_any
+    from certkit.runs.ensemble_certify import EnsembleCertifyConfig
 
     cfg = EnsembleCertifyConfig(selection_correction=not args.no_selection_correction,
                                 **_given(args, alpha="alpha", bound="bound", max_points="max_points",
                                          batch_size="batch_size"))
+    agg = AggregationCertifyConfig(bonferroni=args.bonferroni,
+                                   **_given(args, alpha="alpha", patch_size="patch_size", batch_size="batch_size"))
     print()
-    print(certify_ensemble(args.run_dir, cfg, device=args.device, progress=progress))
+    print(certify_ensemble_any(args.run_dir, args.certificate, l2=cfg, aggregation=agg, device=args.device,
+                               progress=progress))
     return 0
 
 

@@ -21,6 +21,7 @@ STREAM_SIGMA_REFERENCE = 30  # sample-specific ensemble: reference model (init, 
 STREAM_SIGMA_TRAIN = 31  # sample-specific ensemble: seed of the SGA of the training scales
 STREAM_SIGMA_TEST = 32  # sample-specific ensemble: seed of the SGA of the test scales
 STREAM_ABLATION = 40  # de-randomized smoothing training: the band / block position of each batch
+STREAM_LAYOUT = 41  # aggregation ensembles: Finite Aggregation shifts and bootstrap draws
 
 
 def _splitmix64(z: int) -> int:

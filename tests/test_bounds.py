@@ -1,6 +1,6 @@
 """Specification of certkit.certify.bounds: exact Clopper-Pearson, Hoeffding and the p = 1/2 binomial test.
 
-Reference values are DESIGN.md section 9 / certification-notes.md section 7 (scipy 1.17, statsmodels 0.15).
+Reference values are docs/design.md section 9 / certification-notes.md section 7 (scipy 1.17, statsmodels 0.15).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def test_unanimous_votes_give_the_closed_form_radius():
 
 @pytest.mark.parametrize("p_a, expected", [(0.95, 1.23310), (0.99, 1.48502), (0.70, 0.36175), (1.0, 1.5651856)])
 def test_released_rab_evaluator_numbers_with_hoeffding_and_no_correction(p_a, expected):
-    # DESIGN.md section 9: N = 1000, alpha = 1e-3, two classes, mean soft score pA
+    # docs/design.md section 9: N = 1000, alpha = 1e-3, two classes, mean soft score pA
     counts = np.array([[1000, 0]])
     soft = np.array([[p_a, 1 - p_a]])
     res = certify_votes(votes_from_counts(counts, soft), sigma=1.0, alpha=1e-3, bound="hoeffding",

@@ -1,4 +1,4 @@
-"""Sample-specific noise in Mode B (Cert-SSB; DESIGN.md section 3): per-sample training scales fixed per run,
+"""Sample-specific noise in Mode B (Cert-SSB; docs/design.md section 3): per-sample training scales fixed per run,
 per-point test sigmas that both sample the noise and scale the radius, and the three reported quantities
 (radius in test-sigma units, plain joint l2 radius, weighted attack condition)."""
 

@@ -1,4 +1,4 @@
-"""The package layering (docs/design.md, "Layout"): walk every import with the AST and fail on an import
+"""The package layering (docs/design.md section 4): walk every import with the AST and fail on an import
 from a higher layer, on any import cycle, and on a function-local import of certkit's own modules outside
 the CLI (the CLI imports a command's library code only when that command runs, so `--help` stays fast)."""
 

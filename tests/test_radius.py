@@ -1,6 +1,6 @@
 """Specification of certkit.certify.radius: Gaussian certified radii (Cohen et al. 2019; RAB; Cert-SSB).
 
-Reference values are DESIGN.md section 9 / certification-notes.md section 7 (scipy 1.17, statsmodels 0.15).
+Reference values are docs/design.md section 9 / certification-notes.md section 7 (scipy 1.17, statsmodels 0.15).
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def test_vote_frequencies_follow_the_gaussian_at_each_points_own_sigma():
 
 
 def test_certified_radius_is_sound_and_tight_for_a_linear_classifier():
-    # the exact smoothed radius of a half-space is the distance to it (DESIGN.md section 9)
+    # the exact smoothed radius of a half-space is the distance to it (docs/design.md section 9)
     model = half_space(seed=2)
     x = points(120, seed=5)
     true = model.distance(x)

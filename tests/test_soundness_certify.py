@@ -1,4 +1,4 @@
-"""Soundness of the certification maths (DESIGN.md sections 2, 6 and 10): the smaller items of the soundness
+"""Soundness of the certification maths (docs/design.md sections 2, 6 and 10): the smaller items of the soundness
 issue, one block per module: radius, bounds, storage, ensemble, metrics."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from certkit.errors import InputError
 
 
 def test_soft_radius_binary_bound_is_one_bound_at_alpha_design_reference_values():
-    # DESIGN.md section 9 values are for the single bound pA - h(alpha), pB_up = 1 - pA_low: kept as they are
+    # docs/design.md section 9 values are for the single bound pA - h(alpha), pB_up = 1 - pA_low: kept as they are
     p_a = np.array([0.95, 0.99, 0.70])
     radius = hoeffding_soft_radius(p_a, 1000, 1e-3, 1.0, selected_from_scores=False)
     np.testing.assert_allclose(radius, [1.23310, 1.48502, 0.36175], atol=5e-6)

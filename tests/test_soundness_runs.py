@@ -1,4 +1,4 @@
-"""Soundness of what runs report as certified (DESIGN.md section 10): deployable sample-specific sigmas,
+"""Soundness of what runs report as certified (docs/design.md section 10): deployable sample-specific sigmas,
 transductive storage evaluated in deployment order, simultaneous whole-test-set statements, and no certified
 column that depends on data-chosen training scales."""
 

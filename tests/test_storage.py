@@ -1,4 +1,4 @@
-"""Specification of certkit.certify.storage: storage-update (memory-based) certification (DESIGN.md section 2;
+"""Specification of certkit.certify.storage: storage-update (memory-based) certification (docs/design.md section 2;
 certification-notes.md 1.e and 3.2): align, trim, maximise, store; the invariant; order; persistence."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Empirical backdoor metrics of a plain model (DESIGN.md section 6).
+"""Empirical backdoor metrics of a plain model (docs/design.md section 6).
 
 Clean accuracy (CA), attack success rate (ASR: triggered non-target test inputs classified as the target),
 robust accuracy (RA: triggered non-target inputs classified correctly), and the defense effectiveness rating

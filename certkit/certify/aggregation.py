@@ -25,8 +25,8 @@ Units (never put two of them on one axis without converting):
   distortion ... increases the symmetric difference attack magnitude by two").
 * :data:`BAGGING_UNIT`: bagging's ``r`` counts modified, inserted or deleted samples, each **1**.
 
-Layouts (DESIGN.md section 10, "layout-bound")
-----------------------------------------------
+Layouts (docs/design.md section 10, "layout-bound")
+---------------------------------------------------
 A certificate is sound only for the member layout it was designed for; the *formulas* run on any vote
 matrix. :class:`Layout` records the layout of a run, and :func:`check_layout` refuses a certificate for
 another layout with an :class:`~certkit.errors.InputError` naming both.
@@ -67,7 +67,7 @@ is certified (only bagging, where the bounds may fail to separate, and joint, wh
 outnumber the margin).
 
 Deterministic certificates (all but bagging) hold exactly; bagging's holds with probability
-``>= 1 - alpha`` per point (``n_test`` adds a Bonferroni correction over the test set; DESIGN.md section 6).
+``>= 1 - alpha`` per point (``n_test`` adds a Bonferroni correction over the test set; docs/design.md section 6).
 """
 
 from __future__ import annotations
@@ -549,7 +549,7 @@ class Layout:
 
 
 def check_layout(layout: Layout | dict[str, Any], certificate: str) -> Layout:
-    """Refuse a certificate for member outputs of another layout (DESIGN.md section 10, layout-bound).
+    """Refuse a certificate for member outputs of another layout (docs/design.md section 10, layout-bound).
 
     DPA, ROE and joint need ``partition``; FA and FA-ROE need ``finite-aggregation``; bagging needs
     ``bootstrap``. Returns the layout (a dict is converted) or raises :class:`~certkit.errors.InputError`
@@ -655,13 +655,13 @@ class AggregationCertificate:
 
 def poisoning_trigger_robustness(result: AggregationCertificate, n_poisoned: int, target: int | None = None, *,
                                  poisoning: str = "modified") -> float:
-    """Certified trigger robustness (CTR, DESIGN.md section 6) of a poisoning-count certificate.
+    """Certified trigger robustness (CTR, docs/design.md section 6) of a poisoning-count certificate.
 
     The fraction of non-target points (true label ``!= target``) that are certified correct at the attack's
     size in the certificate's own unit: ``correct & radius >= need``. Certify the *triggered* test inputs
     ``x + t`` with their true labels: a correct prediction at ``x + t`` with ``radius >= need`` proves that
-    no poisoning of ``n_poisoned`` samples makes the ensemble change its prediction there (DESIGN.md
-    section 1, Mode D).
+    no poisoning of ``n_poisoned`` samples makes the ensemble change its prediction there
+    (docs/design.md section 1, Mode D).
 
     ``need`` converts samples to the unit: ``poisoning="modified"`` (the attack relabels and stamps
     existing training samples, certkit's attacks) counts each sample 2 in the symmetric-difference unit of

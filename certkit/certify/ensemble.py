@@ -6,7 +6,7 @@ own fixed Gaussian draw ``delta_m`` to every test input. For a test input ``x`` 
 ``f_m(x + delta_m)`` are ``M`` independent samples of the base classifier under the *joint* noise of
 (training set, test input), so the ensemble's vote estimates the smoothed classifier, and a certificate
 ``(c, R)`` covers every joint l2 perturbation of training features and test input below ``R`` (labels as
-they are; DESIGN.md section 1).
+they are; docs/design.md section 1).
 
 Votes and bounds (the number of draws is the number of members ``M``, taken from the data):
 
@@ -23,7 +23,7 @@ The top class and the runner-up are chosen from the *same* votes that are bounde
 simultaneous one-sided bounds for all ``C`` classes (Bonferroni over the ``2C`` lower and upper bounds,
 ``alpha' = alpha / (2C)`` each; ``alpha / 2`` with two classes, where a class's upper bound is the other's
 lower bound, :func:`per_bound_alpha`): then the data-chosen classes are covered with probability
-``>= 1 - alpha``. With two classes this is the "alpha split between pA and pB" of DESIGN.md section 2. ``selection_correction=False`` uses ``alpha' = alpha`` for each
+``>= 1 - alpha``. With two classes this is the "alpha split between pA and pB" of docs/design.md section 2.4. ``selection_correction=False`` uses ``alpha' = alpha`` for each
 bound, as the released RAB/Cert-SSB evaluators do (not covered against the selection; for comparison only).
 With ``pA_low`` and ``pB_up = min(upper bound of the runner-up, 1 - pA_low)`` the radius is
 ``sigma / 2 * (PhiInv(pA_low) - PhiInv(pB_up))``; the ensemble abstains when ``pA_low <= pB_up``.
@@ -32,8 +32,8 @@ Votes are collected model-major (load a member once, run the whole test set) and
 (``votes.npz``) so certificates are recomputed offline for another alpha or bound without the models
 (the DPA habit of "evaluate once, certify offline").
 
-Per-point test sigmas (Cert-SSB's sample-specific noise; DESIGN.md sections 2 and 3)
-------------------------------------------------------------------------------------
+Per-point test sigmas (Cert-SSB's sample-specific noise; docs/design.md sections 2 and 3)
+-----------------------------------------------------------------------------------------
 
 ``SmoothedEnsemble.votes(x, sigma=s)`` takes one test sigma ``s_i`` per point: member ``m`` classifies
 ``x_i + s_i * z_m`` with ``z_m = test_noise(m) / sigma`` its fixed standard-normal test draw, so over the
@@ -45,7 +45,7 @@ sigma; certkit refuses a radius sigma that differs from the sampling sigma recor
 With training scales ``s_j`` and test scale ``sigma_i`` the Gaussian argument certifies every joint
 perturbation ``(Delta, delta)`` of the training inputs and test input with
 ``sum_j ||Delta_j||^2 / s_j^2 + ||delta||^2 / sigma_i^2 < (gap / 2)^2``, ``gap = PhiInv(pA_low) - PhiInv(pB_up)``
-(:func:`vote_gap`). Three readings (DESIGN.md section 3):
+(:func:`vote_gap`). Three readings (docs/design.md section 3):
 
 (a) ``radius = sigma_i * gap / 2`` (the ``radius`` of :func:`certify_votes`; Cert-SSB's convention): the
     test-input perturbations covered when the training set is left as it is;
@@ -257,7 +257,7 @@ def _resolve_sigma(votes: EnsembleVotes, sigma: Any) -> tuple[np.ndarray, bool]:
         sig = _point_sigma(sigma, n)
         if not np.array_equal(sig, votes.sigma):
             raise InputError("sigma differs from the per-point sigma these votes were sampled with; the radius "
-                             "must use the sampling sigma (DESIGN.md section 2): omit sigma= to use votes.sigma")
+                             "must use the sampling sigma (docs/design.md section 2.7): omit sigma= to use votes.sigma")
         return sig, True
     sampled = votes.meta.get("sigma")
     if sigma is None:
@@ -272,7 +272,7 @@ def _resolve_sigma(votes: EnsembleVotes, sigma: Any) -> tuple[np.ndarray, bool]:
         sig, per_point = _point_sigma(sigma, n), True
     if isinstance(sampled, (int, float)) and not isinstance(sampled, bool) and not np.all(sig == float(sampled)):
         raise InputError(f"these votes were sampled at sigma={sampled:g}; a radius must use the sampling sigma "
-                         "(DESIGN.md section 2). For per-point sigmas collect the votes with "
+                         "(docs/design.md section 2.7). For per-point sigmas collect the votes with "
                          "SmoothedEnsemble.votes(x, sigma=...)")
     return sig, per_point
 
@@ -486,7 +486,7 @@ def joint_trigger_norms(poison_delta_sq_sum: float, test_trigger_norms: Any) -> 
 
     ``poison_delta_sq_sum`` is the sum over the poisoned training inputs of their squared trigger norms
     (feature change only; labels are outside the certificate). With ``r`` poisoned points and a trigger of
-    constant norm this is ``sqrt(r + 1) * ||t||`` (DESIGN.md section 1).
+    constant norm this is ``sqrt(r + 1) * ||t||`` (docs/design.md section 1).
     """
     if not (math.isfinite(poison_delta_sq_sum) and poison_delta_sq_sum >= 0):
         raise InputError(f"poison_delta_sq_sum must be finite and >= 0, got {poison_delta_sq_sum}")

@@ -1,4 +1,4 @@
-"""Certified metrics of a smoothed or certified classifier (DESIGN.md section 6).
+"""Certified metrics of a smoothed or certified classifier (docs/design.md section 6).
 
 From a :class:`~certkit.certify.results.CertificationResult`: certified accuracy at radii, average certified
 radius, abstain rate, and *certified trigger robustness* (CTR): the fraction of non-target clean test inputs
@@ -64,7 +64,7 @@ def certified_trigger_robustness(result: CertificationResult, trigger_norms: Any
     Each point's certificate holds with probability ``>= 1 - alpha`` on its own, so ``1 -`` this value
     bounds the smoothed classifier's ASR only where every certificate holds; it is *not* a bound on the
     ASR at level ``1 - alpha``. For a statement about the whole test set, with the level it holds at, use
-    :func:`simultaneous_asr_bound` (DESIGN.md sections 6 and 10).
+    :func:`simultaneous_asr_bound` (docs/design.md sections 6 and 10).
     """
     if (result.label < 0).any():
         raise InputError("certified trigger robustness needs the true labels of the certified points")
@@ -142,7 +142,7 @@ def simultaneous_asr_bound(ctr: float, n_nontarget: int, alpha: float, delta: fl
     A non-target point counted in the CTR is certified correct beyond the trigger's size, so its triggered
     input is *not* sent to the target unless its certificate failed. With ``F`` the number of failed
     certificates among the ``n`` non-target points, ``ASR <= 1 - ctr + F / n``. Each certificate fails
-    with probability ``<= alpha`` on its own (DESIGN.md sections 6 and 10), so a whole-test-set statement
+    with probability ``<= alpha`` on its own (docs/design.md sections 6 and 10), so a whole-test-set statement
     needs a quantile ``q`` with ``P(F >= q) <= delta``; then, with probability ``>= 1 - delta``, fewer than
     ``q`` certificates fail and ``ASR <= min(1, 1 - ctr + q / n)`` (conservative by ``1 / n``).
 
@@ -156,7 +156,7 @@ def simultaneous_asr_bound(ctr: float, n_nontarget: int, alpha: float, delta: fl
 
     Both forms need each certificate to fail with probability ``<= alpha``: a storage-adjusted result
     (:mod:`certkit.certify.storage`), whose rows borrow the balls of earlier rows, is outside this
-    argument. With independent per-point certificates, the Bonferroni alternative of DESIGN.md section 6
+    argument. With independent per-point certificates, the Bonferroni alternative of docs/design.md section 6
     (every point at ``alpha / n``) needs new certificates; this function reuses the ones at hand.
 
     Args:

@@ -92,7 +92,7 @@ def _cohen_certify_kernel(
     for i in prange(m):
         p = cp_lower(count_a[i], n[i], alpha[i])
         p_lower[i] = p
-        abstain[i] = not (p > 0.5)  # abstain at p_lower <= 1/2 (DESIGN.md section 2); NaN abstains too
+        abstain[i] = not (p > 0.5)  # abstain at p_lower <= 1/2 (docs/design.md section 2.3); NaN abstains too
         radius[i] = sigma[i] * norm_ppf(p) if p > 0.5 else 0.0
     return p_lower, radius, abstain
 
@@ -102,7 +102,7 @@ def cohen_certify_counts(count_a: Any, n: Any, alpha: Any, sigma: Any) -> tuple[
 
     ``p_lower = BetaInv(alpha; count_a, n - count_a + 1)`` is the one-sided ``1 - alpha`` Clopper-Pearson
     lower bound (``clopper_pearson(count_a, n, alpha, "greater").low``). The point abstains when
-    ``p_lower <= 1/2`` (DESIGN.md section 2: Cohen's theorem needs ``pA_low > pB_up = 1 - pA_low``);
+    ``p_lower <= 1/2`` (docs/design.md section 2.3: Cohen's theorem needs ``pA_low > pB_up = 1 - pA_low``);
     otherwise its radius is ``sigma * PhiInv(p_lower) > 0``. Cohen's released ``certify`` abstains only
     when ``pABar < 0.5`` and "certifies" radius 0 at exactly 1/2 (e.g. ``count_a = n = 10`` at
     ``alpha = 2**-10``); certkit abstains there. ``count_a`` must come from the ``n`` fresh draws, not the
@@ -154,7 +154,7 @@ def hoeffding_soft_radius(p_a_mean: Any, n: Any, alpha: Any, sigma: Any, p_b_mea
     - ``selected_from_scores=False``: the classes were fixed before these scores were drawn (e.g. on
       separate selection draws, as Cohen's CERTIFY does): ``a = alpha`` (binary) or ``alpha / 2`` (both
       bounds, Bonferroni). The released RAB/Cert-SSB evaluator uses ``alpha`` for each bound with selection;
-      DESIGN.md section 9's reference values (``N = 1000``, ``alpha = 1e-3``: ``pA = 0.95 -> 1.23310
+      docs/design.md section 9's reference values (``N = 1000``, ``alpha = 1e-3``: ``pA = 0.95 -> 1.23310
       sigma``) are the binary form with ``selected_from_scores=False``.
 
     Args:

@@ -14,8 +14,8 @@ inside a stored ball is answered with the stored label, and every new certificat
 two stored balls of different labels intersect. The Cert-SSB pipeline figure calls the same procedure
 "storage-update-based certification" ("Overlapping? -> No Update | Trim Region + Align Label; Maximize r").
 
-Algorithm (DESIGN.md section 2; certification-notes.md 1.e)
------------------------------------------------------------
+Algorithm (docs/design.md section 2.6; certification-notes.md 1.e)
+-------------------------------------------------------------------
 Points are processed in a recorded order. For a new point ``x`` with its own certificate ``(y, r)`` and the
 distances ``D_j = ||x - x_j||_2`` to the stored centres:
 
@@ -68,7 +68,7 @@ Decisions (where the papers and the released code are silent)
   :meth:`CertifiedStore.predict` answers there; it is counted as aligned, flagged in
   :attr:`StorageResult.adopted` (``n_covered_abstentions``) and stored like an aligned row. Outside every
   stored ball it stays ``-1`` with radius 0 and is not stored, even if a ball stored *later* covers it: a
-  query is answered by the store as it was when the query came (DESIGN.md section 10, transductive).
+  query is answered by the store as it was when the query came (docs/design.md section 10, transductive).
 * **Radius 0.** A non-abstaining point whose radius ends at 0 (trimmed to the surface of another ball, or
   a zero radius to begin with) keeps its prediction with radius 0 (predicted, not certified) and is not
   stored: an open ball of radius 0 contains nothing.

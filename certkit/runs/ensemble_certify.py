@@ -14,7 +14,7 @@ not the test input carried the trigger (labels as they are). The summary also gi
 clean inputs certified correct beyond ``||t||`` (each at ``1 - alpha`` on its own; the summary's ``asr_bound``
 is the whole-test-set statement at 95%, in the Markov form because every point shares the members' noise).
 
-Sample-specific runs (``noise="sample-specific"``; DESIGN.md sections 3 and 10): the test sigma ``sigma_i``
+Sample-specific runs (``noise="sample-specific"``; docs/design.md sections 3 and 10): the test sigma ``sigma_i``
 of every test query is optimised on that query itself with
 :func:`certkit.runs.ensemble_train.optimize_sample_sigmas` under the run's reference model (seed
 ``derive_seed(seed, STREAM_SIGMA_TEST, 0)``, the whole set in one call, so a point's sigma does not depend on
@@ -277,7 +277,7 @@ def certify_ensemble_run(run: RunDirectory, cfg: EnsembleCertifyConfig, *, devic
 def _certify_sample_specific(run: RunDirectory, cfg: EnsembleCertifyConfig, spec: EnsembleSpec, data: PreparedData,
                              keep: np.ndarray, keep_t: np.ndarray, v_clean: EnsembleVotes, v_trig: EnsembleVotes,
                              *, device: str, log: Any) -> dict[str, Any]:
-    """The three quantities of DESIGN.md section 3 for a sample-specific run (module docstring)."""
+    """The three quantities of docs/design.md section 3 for a sample-specific run (module docstring)."""
 
     test, trig, target = data.splits.test, data.triggered, spec.target
     scales = load_training_scales(run)

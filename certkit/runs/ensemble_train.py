@@ -7,7 +7,7 @@ sha256 in the manifest, its wall time under ``timings["train/member-000m"]`` and
 ``steps["train/member-000m"]``. The certification side (:mod:`certkit.ensemble`) loads the members with
 :meth:`RunDirectory.load_model` and evaluates member ``m`` on ``x + member_test_noise(spec, m, shape)``.
 
-Randomness (DESIGN.md section 8): every random stream of member ``m`` has its own seed derived from
+Randomness (docs/design.md section 8): every random stream of member ``m`` has its own seed derived from
 ``(spec.seed, stream tag, m)`` with :func:`certkit.seeding.derive_seed`, so a member never depends on
 ``n_jobs``, the backend, the order in which members finish, or on ``spec.members`` itself (member 3 of a
 10-member ensemble equals member 3 of a 50-member ensemble with the same other settings):
@@ -21,7 +21,7 @@ Randomness (DESIGN.md section 8): every random stream of member ``m`` has its ow
 * ``STREAM_MEMBER_INIT``: weight initialisation (the global torch RNG, forked) and the batch order
   (``train_model(seed=...)``; its per-batch noise stream is unused since ``noise_sigma = 0``).
 
-Decisions (not fixed by DESIGN.md):
+Decisions (not fixed by docs/design.md):
 
 * **Threads.** Each member trains with ``torch.set_num_threads(spec.threads_per_member)`` (restored
   afterwards), so the floating-point reductions and hence the weights are the same whatever ``n_jobs`` or
@@ -52,8 +52,8 @@ Decisions (not fixed by DESIGN.md):
   :class:`UnknownNameError`, listing the allowed values). ``seed`` must lie in ``[0, 2**32)`` (scikit-learn
   split seeds are 32-bit).
 
-Sample-specific training noise (``noise="sample-specific"``; Cert-SSB, Qiao et al. 2025, DESIGN.md section 3)
-------------------------------------------------------------------------------------------------------------
+Sample-specific training noise (``noise="sample-specific"``; Cert-SSB, Qiao et al. 2025, docs/design.md section 3)
+-----------------------------------------------------------------------------------------------------------------
 
 Member ``m`` trains on ``x_j + s_j * z_{m,j}``: ``z_{m,j}`` is the member's fixed standard-normal draw (the
 same ``STREAM_TRAIN_NOISE`` generator as RAB, so with every ``s_j = sigma`` the members are bit-identical to
@@ -78,7 +78,7 @@ different scale history per model): here the scales are FIXED before training an
 members, and each member's draw ``z_{m,j}`` is fixed for all epochs (RAB). Only then is the training noise of
 every member one sample of a single, fixed distribution ``prod_j N(0, s_j^2 I)``, which the Gaussian
 certificate needs. The scales are still chosen from the (possibly poisoned) training data, so the
-certificate holds *conditional on the scales as fixed* (DESIGN.md section 3 caveat;
+certificate holds *conditional on the scales as fixed* (docs/design.md section 3 caveat;
 :data:`SAMPLE_SPECIFIC_ASSUMPTION`); a reported training-side certificate must state this.
 
 Tamper policy: a recorded ``training_sigmas.npz`` or reference model that is missing, modified or
@@ -126,15 +126,22 @@ from certkit._validation import (
 from certkit.backdoor.models import MODELS, build_model
 from certkit.backdoor.prepare import DATA_FIELDS, PreparedData, check_data_fields, prepare_data
 from certkit.backdoor.training import train_model
+from certkit.certify.aggregation import Layout
 from certkit.certify.ensemble import SmoothedEnsemble
+from certkit.certify.patch import KINDS as ABLATION_KINDS
+from certkit.certify.patch import ablation_train_transform
 from certkit.certify.sigma import optimize_sigma
 from certkit.devices import check_device_name, resolve_device
 from certkit.errors import CertkitError, InputError, RecordError
 from certkit.io import file_lock
 from certkit.parallel import check_backend, check_n_jobs, check_scheduler, map_tasks
 from certkit.runs.defaults import ENSEMBLE
+from certkit.runs.layouts import LAYOUT_FILE, LAYOUTS, MemberLayout, member_layout
+from certkit.runs.models import build_ablated_model, load_run_model
 from certkit.runs.rundir import RunDirectory
 from certkit.seeding import (
+    STREAM_ABLATION,
+    STREAM_LAYOUT,
     STREAM_MEMBER_INIT,
     STREAM_SIGMA_REFERENCE,
     STREAM_SIGMA_TEST,
@@ -145,7 +152,10 @@ from certkit.seeding import (
 )
 
 __all__ = [
+    "ensemble_layout",
     "load_ensemble",
+    "read_layout",
+    "record_layout",
     "NOISE_MODES",
     "REFERENCE_MODEL",
     "RUN_KIND",
@@ -172,7 +182,7 @@ NOISE_MODES: tuple[str, ...] = ("fixed", "sample-specific")
 REFERENCE_MODEL = "sigma-reference"
 #: Run-directory file holding the training scales ``s_j`` of a sample-specific run.
 TRAINING_SIGMAS = "training_sigmas.npz"
-#: The caveat that goes with every training-side certificate of a sample-specific run (DESIGN.md section 3).
+#: The caveat that goes with every training-side certificate of a sample-specific run (docs/design.md section 3).
 SAMPLE_SPECIFIC_ASSUMPTION = (
     "sample-specific noise: member m trains on x_j + s_j * z_mj (z_mj a fixed N(0, I) draw per member) and "
     "evaluates test query i at x_i + sigma_i * z_m; the training scales s_j were chosen by gradient ascent on "
@@ -189,6 +199,7 @@ _SCALES_FORMAT = 1
 #: Stream tags of the sample-specific scales (apart from certkit.seeding's tags; the seeds derived with them
 #: are the ``seed`` handed to :func:`certkit.certify.sigma.optimize_sigma`, which derives its own per-input streams).
 _SIGMA_DEFAULTS = {"sigma_steps": None, "sigma_lr": 1e-4, "sigma_max": None, "sigma_detach_model": True}
+_LAYOUT_DEFAULTS = {"layout": "full-noise", "k": None, "d": None, "ablation": None, "band": None}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -231,6 +242,18 @@ class EnsembleSpec:
             (required, >= 1), step size (> 0, default ``1e-4``), optional cap on the optimised scales
             (>= ``sigma``) and whether the model output is detached in the ascent (default ``True``,
             Cert-SSB's released form). See the module docstring.
+        layout: which samples each member sees (:data:`certkit.runs.layouts.LAYOUTS`): ``"full-noise"``
+            (RAB, the default: the whole training set plus noise) or an aggregation layout (Mode D) whose
+            members train *without noise* on a piece of the data: ``"partition"`` (DPA, ``k`` members),
+            ``"finite-aggregation"`` (FA, ``k * d`` members) or ``"bootstrap"`` (bagging: ``members`` draws of
+            ``k`` samples). ``sigma`` and ``noise`` apply to ``full-noise`` only.
+        k, d: the layout's ``k`` (partitions; FA's ``k``; bagging's bootstrap size) and FA's ``d``.
+        ablation, band: aggregation layouts only: train every member as a de-randomized smoothing model
+            (``"column"`` or ``"block"`` ablation of width ``band``), as the joint certificate needs.
+
+    With ``layout="full-noise"`` the fields ``layout, k, d, ablation, band`` keep their defaults and are left
+    out of :meth:`to_dict` (configs of earlier certkit versions are unchanged); with an aggregation layout,
+    ``sigma`` and ``noise`` are left out and ``members`` defaults to ``k`` (``k * d``; bagging: 50 draws).
     """
 
     dataset: str = "digits"
@@ -240,7 +263,7 @@ class EnsembleSpec:
     attack_params: dict[str, Any] = field(default_factory=dict)
     poison_rate: float = ENSEMBLE["poison_rate"]
     target: int = 0
-    members: int = ENSEMBLE["members"]
+    members: int | None = None
     sigma: float = ENSEMBLE["sigma"]
     noise: str = ENSEMBLE["noise"]
     epochs: int = ENSEMBLE["epochs"]
@@ -252,6 +275,11 @@ class EnsembleSpec:
     sigma_lr: float = ENSEMBLE["sigma_lr"]
     sigma_max: float | None = None
     sigma_detach_model: bool = True
+    layout: str = "full-noise"
+    k: int | None = None
+    d: int | None = None
+    ablation: str | None = None
+    band: int | None = None
 
     def __post_init__(self) -> None:
 
@@ -260,7 +288,6 @@ class EnsembleSpec:
         if not isinstance(self.model, str):
             raise InputError(f"model must be a string, got {self.model!r}")
         check_choice(self.model, MODELS, "model")
-        self.members = check_positive_int(self.members, "members")
         self.sigma = check_float(self.sigma, "sigma", strict=True)
         if not isinstance(self.noise, str):
             raise InputError(f"noise must be a string, got {self.noise!r}")
@@ -270,6 +297,51 @@ class EnsembleSpec:
         self.batch_size = check_positive_int(self.batch_size, "batch_size")
         self.threads_per_member = check_positive_int(self.threads_per_member, "threads_per_member")
         self._check_sigma_fields()
+        self._check_layout_fields()
+
+    def _check_layout_fields(self) -> None:
+        if not isinstance(self.layout, str):
+            raise InputError(f"layout must be a string, got {self.layout!r}")
+        check_choice(self.layout, LAYOUTS, "layout")
+        if self.layout == "full-noise":
+            changed = [k for k, v in _LAYOUT_DEFAULTS.items() if getattr(self, k) != v]
+            if changed:
+                raise InputError(f"{', '.join(changed)} only apply to the aggregation layouts (partition, "
+                                 "finite-aggregation, bootstrap); this spec has layout='full-noise'")
+            self.members = check_positive_int(ENSEMBLE["members"] if self.members is None else self.members,
+                                              "members")
+            return
+        if self.noise != "fixed" or self.sigma != ENSEMBLE["sigma"]:
+            raise InputError(f"sigma and noise apply to the full-noise (RAB) layout only; the {self.layout} "
+                             "layout trains its members on its piece of the data without noise")
+        if self.k is None:
+            what = "bootstrap sample size" if self.layout == "bootstrap" else "number of partitions"
+            raise InputError(f"the {self.layout} layout needs k (the {what}, >= 2)")
+        self.k = check_positive_int(self.k, "k", minimum=2)
+        if self.layout == "finite-aggregation":
+            if self.d is None:
+                raise InputError("the finite-aggregation layout needs d (subsets per sample, >= 1)")
+            self.d = check_positive_int(self.d, "d")
+        elif self.d is not None:
+            raise InputError(f"d applies to the finite-aggregation layout only (this spec has layout={self.layout!r})")
+        want = {"partition": self.k, "finite-aggregation": self.k * (self.d or 1)}.get(self.layout)
+        if want is None:  # bootstrap: the number of draws
+            self.members = check_positive_int(ENSEMBLE["members"] if self.members is None else self.members,
+                                              "members")
+        elif self.members is None:
+            self.members = want
+        elif check_positive_int(self.members, "members") != want:
+            raise InputError(f"the {self.layout} layout has {want} members (one per subset), got members={self.members}")
+        if self.ablation is None:
+            if self.band is not None:
+                raise InputError("band applies only with an ablation (column or block)")
+            return
+        if not isinstance(self.ablation, str):
+            raise InputError(f"ablation must be a string, got {self.ablation!r}")
+        check_choice(self.ablation, ABLATION_KINDS, "ablation")
+        if self.band is None:
+            raise InputError(f"ablation={self.ablation!r} needs band (the width kept, >= 1)")
+        self.band = check_positive_int(self.band, "band")
 
     def _check_sigma_fields(self) -> None:
         self.sigma_lr = _number(self.sigma_lr, "sigma_lr")
@@ -312,7 +384,17 @@ class EnsembleSpec:
         if not self.sample_specific:
             for k in _SIGMA_DEFAULTS:
                 del d[k]
+        if self.layout == "full-noise":
+            for k in _LAYOUT_DEFAULTS:
+                del d[k]
+        else:
+            del d["sigma"], d["noise"]
         return d
+
+    @property
+    def aggregation(self) -> bool:
+        """Whether the members follow an aggregation layout (Mode D) rather than RAB's full noise."""
+        return self.layout != "full-noise"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EnsembleSpec:
@@ -353,6 +435,8 @@ def _seeded_model(spec: EnsembleSpec, data: PreparedData, seed: int) -> torch.nn
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if spec.ablation is not None:
+            return build_ablated_model(spec.model, data, spec.ablation, spec.band)
         return build_model(spec.model, num_classes=data.splits.num_classes, input_shape=data.splits.input_shape,
                            mean=data.splits.mean, std=data.splits.std)
 
@@ -482,10 +566,46 @@ def _checkpoint_problem(run: RunDirectory, name: str, recorded: Collection[str] 
     if name not in (run.models() if recorded is None else recorded):
         return "missing"
     try:
-        run.load_model(name, device="cpu")
+        load_run_model(run, name, device="cpu")
     except CertkitError as exc:
         return str(exc)
     return None
+
+
+def ensemble_layout(spec: EnsembleSpec, data: PreparedData) -> MemberLayout:
+    """The member layout of an aggregation spec on its (poisoned) training set
+    (:func:`certkit.runs.layouts.member_layout`)."""
+    if not spec.aggregation:
+        raise InputError("a full-noise (RAB) ensemble has no aggregation layout: every member sees all the data")
+    return member_layout(spec.layout, data.poisoned.dataset, k=spec.k, d=spec.d, members=spec.members,
+                         seed=spec.seed)
+
+
+def record_layout(run: RunDirectory, spec: EnsembleSpec, data: PreparedData) -> MemberLayout:
+    """Write ``layout.json`` on the first call; later calls check the stored record against the spec's layout
+    (a :class:`RecordError` names the difference)."""
+    lay = ensemble_layout(spec, data)
+    rec = lay.record()
+    if LAYOUT_FILE in run.manifest["files"]:
+        old = run.read_json(LAYOUT_FILE)
+        if old != json.loads(json.dumps(rec)):
+            raise RecordError(f"{run.path / LAYOUT_FILE} does not match the layout of this spec and data; start a "
+                              "new run directory")
+        return lay
+    run.write_json(LAYOUT_FILE, rec)
+    run.mark_done("layout", kind=spec.layout, members=spec.members, sha256=run.manifest["files"][LAYOUT_FILE]["sha256"])
+    return lay
+
+
+def read_layout(run: RunDirectory) -> Layout:
+    """The :class:`~certkit.certify.aggregation.Layout` recorded in an ensemble run (hash-checked);
+    ``Layout("full-noise")`` for RAB runs."""
+    spec = EnsembleSpec.from_run(run)
+    if not spec.aggregation:
+        return Layout("full-noise", member_subset=None)
+    if LAYOUT_FILE not in run.manifest["files"]:
+        raise RecordError(f"ensemble run {run.path} has no {LAYOUT_FILE}; train it with `certkit ensemble train`")
+    return Layout.from_dict(run.read_json(LAYOUT_FILE)["layout"])
 
 
 def _record_of(run: RunDirectory, spec: EnsembleSpec, m: int, trained: bool) -> dict[str, Any]:
@@ -760,10 +880,16 @@ def train_member(
     )
     seed = derive_seed(spec.seed, STREAM_MEMBER_INIT, m)
     train = data.poisoned.dataset
+    extra: dict[str, Any] = {}
+    if spec.aggregation:  # the member's piece of the data, no noise
+        train = train.subset(ensemble_layout(spec, data).indices[m])
+        extra["samples"] = len(train)
+    transform = (ablation_train_transform(spec.ablation, spec.band, derive_seed(spec.seed, STREAM_ABLATION, m))
+                 if spec.ablation is not None else None)
     with _exclusive_training(spec.threads_per_member):
         t0 = time.perf_counter()
         model = _seeded_model(spec, data, seed)
-        noise = member_train_noise(spec, m, train.x.shape, scales=scales)
+        noise = None if spec.aggregation else member_train_noise(spec, m, train.x.shape, scales=scales)
         history = train_model(
             model,
             train,
@@ -775,13 +901,14 @@ def train_member(
             device=device,
             progress=progress,
             desc=name,
+            input_transform=transform,
         )
         del noise
         seconds = time.perf_counter() - t0
     final_loss = history.loss[-1] if history.loss else None
     final_acc = history.accuracy[-1] if history.accuracy else None
     run.save_model(name, model, model.certkit_spec, step=f"train/{name}", seconds=seconds, member=m, seed=seed,
-                   final_loss=final_loss, final_accuracy=final_acc)
+                   final_loss=final_loss, final_accuracy=final_acc, **extra)
     sha = run.manifest["models"][name]["sha256"]
     return {
         "member": m,
@@ -862,6 +989,8 @@ def train_ensemble(
         dev = check_device_name(device)
     # the data first: a bad target or dataset fails before anything is written
     data, hashes = _cached_data(spec, download=download)
+    if spec.aggregation:  # a bad k or an empty partition fails here, before anything is written
+        ensemble_layout(spec, data)
     del data
     run = RunDirectory.create(out, _config(spec), kind=RUN_KIND)
     _check_data_hashes(run, hashes)
@@ -889,6 +1018,13 @@ def train_ensemble(
                 ),
             },
         )
+    if spec.aggregation:  # the layout record, once per run, before any member trains; verified on resume
+        data, _ = _cached_data(spec, download=download)
+        record_layout(run, spec, data)
+        if "layout" not in run.manifest["seeds"]:
+            run.record_seed("layout", {"stream": STREAM_LAYOUT, "ablation_stream": STREAM_ABLATION,
+                                       "derivation": "derive_seed(seed, STREAM_LAYOUT, 0) mod 2**32"})
+        del data
     if spec.sample_specific:  # once per run, before any member trains; verified on resume
         try:
             scale_dev = dev if scheduler is None else str(resolve_device(dev))
@@ -955,6 +1091,10 @@ def load_ensemble(run_dir: RunDirectory | str | os.PathLike, *, batch_size: int 
     if run.kind != "ensemble":
         raise RecordError(f"{run.path} is a {run.kind!r} run, not an ensemble run")
     spec = EnsembleSpec.from_dict(run.config["ensemble"])
+    if spec.aggregation:
+        raise InputError(f"{run.path} is a {spec.layout} ensemble (Mode D): its members vote without noise, so "
+                         "it has no l2 smoothing certificate; certify it with `certkit ensemble certify RUN "
+                         "--certificate dpa|roe|fa|fa-roe|bagging|joint`")
     names = [member_name(m) for m in range(spec.members)]
     missing = [nm for nm in names if nm not in run.manifest["models"]]
     if missing:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from certkit.errors import RecordError
+from certkit.runs.aggregation import aggregation_table
 from certkit.runs.ensemble_certify import ensemble_report_table
 from certkit.runs.patch import patch_table
 from certkit.runs.plots import plot_certified_rows
@@ -95,6 +96,12 @@ def report(run_dir: str | Path, *, replot: bool = True) -> str:
 
         if not summary:
             raise RecordError(f"ensemble run {run.path} has no summary.json yet: run `certkit ensemble certify` first")
+        if summary.get("aggregation"):
+            lay = summary.get("layout", {})
+            att = summary.get("attack", {})
+            return (f"attack {att.get('name')} -> target {att.get('target')}, poison rate {att.get('poison_rate')}, "
+                    f"{att.get('n_poisoned')} poisoned samples; layout {lay.get('kind')} (k={lay.get('k')}, "
+                    f"d={lay.get('d')})\n" + aggregation_table(summary))
         return ensemble_report_table(summary)
     if not summary:
         raise RecordError(f"run directory {run.path} has no summary.json yet: run `certkit train` first")

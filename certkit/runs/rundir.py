@@ -13,7 +13,7 @@ Layout of a run directory::
       store.npz       the storage (memory) certifier's store of certified balls
       plots/*.png     figures
 
-Decisions (recorded here as DESIGN.md asks):
+Decisions (the details behind docs/design.md section 7):
 
 * **Atomic writes.** Every file is written to a temporary file in the same directory, flushed, fsync'ed
   and moved into place with :func:`os.replace`; on any failure the temporary file is removed and the
