@@ -171,3 +171,56 @@ def test_load_cells_refuses_other_run_kinds(tmp_path):
     with pytest.raises(RecordError, match="not a comparison directory"):
         load_cells(tmp_path / "r")
     assert os.path.isdir(tmp_path / "r")
+
+
+# Patch and poisoning-count cells: PatchCleanser columns, de-randomized smoothing, DPA / DPA+ROE / joint.
+CERTS = dict(model="digits-cnn", attacks=["badnets", "blended"], epochs=2,
+             defenses=["undefended", "ds-column", "dpa", "dpa-roe", "dpa-joint"], noise_finetune_epochs=1, n0=20,
+             n=50, max_points=30, patchcleanser=True, patchcleanser_masks=3, dpa_k=4, dpa_epochs=1,
+             dpa_batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def cert_grid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp") / "certs"
+    return out, run_compare(CompareSpec.from_dict(CERTS), out, progress=False, log=lambda *_: None)
+
+
+def test_patch_and_poisoning_cells_report_each_ctr_in_its_own_column(cert_grid):
+    out, res = cert_grid
+    t = res.table.set_index(["attack", "defense"])
+    bad, blend = "badnets", "blended"
+    for d in ("undefended", "ds-column"):
+        assert 0 <= t.loc[(bad, d), "patch_ctr"] <= 1 and 0 <= t.loc[(bad, d), "patch_ca"] <= 1
+        assert np.isnan(t.loc[(blend, d), "patch_ctr"])           # a global trigger: not applicable, not 0
+    assert t.loc[(bad, "ds-column"), "patch_certificate"] == "column-smoothing"
+    for d in ("dpa", "dpa-roe", "dpa-joint"):
+        assert 0 <= t.loc[(bad, d), "ctr_samples"] <= 1 and np.isnan(t.loc[(bad, d), "ctr"])
+    rows = {(r["attack"], r["defense"]): r for r in load_cells(out)}
+    assert rows[(bad, "dpa")]["poisoned_in_unit"] == 2 * 126                 # 10% of 1257, each counting 2
+    assert rows[(blend, "dpa-joint")]["status"] == "skipped" and "global trigger" in rows[(blend, "dpa-joint")]["reason"]
+    assert "not applicable" in rows[(blend, "undefended")]["patch_note"]
+    # dpa and dpa-roe certify the same partition ensemble (trained once per attack)
+    ens = sorted(p.name for p in (out / "ensembles").iterdir())
+    assert ens == sorted([f"{attack_key(a, {}, 0.1)}__dpa" for a in (bad, blend)]
+                         + [f"{attack_key(bad, {}, 0.1)}__dpa-joint"])
+    assert (out / "plots" / "asr_vs_ctr.png").stat().st_size > 1000
+
+
+def test_the_patchcleanser_column_is_the_certificate_of_the_row_model(cert_grid):
+    from certkit.backdoor.prepare import prepare_data
+    from certkit.certify.patch import patch_trigger_robustness, patchcleanser_certify
+    from certkit.runs.compare.grid import backdoored_name, cell_data_config
+    from certkit.runs.rundir import RunDirectory
+
+    out, res = cert_grid
+    spec = CompareSpec.from_dict(CERTS)
+    cell = next(c for c in spec.cells() if c["attack"] == "badnets" and c["defense"] == "undefended")
+    data = prepare_data(cell_data_config(spec, cell))
+    model = RunDirectory.open(out).load_model(backdoored_name(cell["attack_key"]))
+    keep = np.sort(np.random.default_rng(spec.seed).permutation(len(data.splits.test))[: spec.max_points])
+    trig = data.triggered
+    kt = np.flatnonzero(np.isin(np.asarray(trig.indices), keep))
+    cert = patchcleanser_certify(model, trig.x[kt], trig.y_true[kt], patch_size=2, k=3)
+    row = res.table[(res.table["attack"] == "badnets") & (res.table["defense"] == "undefended")].iloc[0]
+    assert row["patch_ctr"] == pytest.approx(patch_trigger_robustness(cert, 2, spec.target))

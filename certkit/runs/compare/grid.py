@@ -29,7 +29,11 @@ Cells (the ``defenses`` of the spec):
   trained on the poisoned data with noise ``sigma``, certified with the joint trigger norm
   ``sqrt(sum_j ||Delta_j||^2 + ||t||^2)`` (:mod:`certkit.runs.ensemble_certify`);
 * ``cert-ssb``: the same with sample-specific training and test scales (Cert-SSB; certificates hold
-  conditional on the data-chosen scales, radius in test-sigma units, CTR by the weighted condition).
+  conditional on the data-chosen scales, radius in test-sigma units, CTR by the weighted condition);
+* ``ds-column``, ``ds-block``, ``dpa``, ``dpa-roe``, ``dpa-joint`` and the PatchCleanser columns of the
+  model cells: patch and poisoning-count certificates (:mod:`certkit.runs.compare.certificate_cells`), each
+  CTR in its own unit (``patch_ctr``: at the trigger's patch side; ``ctr_samples``: at the attack's number of
+  poisoned samples).
 
 A cell that cannot run (a purifier that is not registered: reason ``not available``; a BatchNorm method on a
 model without BatchNorm; any other certkit error) is recorded as ``skipped`` with its reason and the rest of
@@ -65,6 +69,13 @@ from certkit.devices import resolve_device
 from certkit.errors import CertkitError, RecordError
 from certkit.io import to_jsonable
 from certkit.parallel import check_backend, check_n_jobs, check_scheduler, map_tasks
+from certkit.runs.compare.certificate_cells import (
+    ABLATION_CELLS,
+    AGGREGATION_CELLS,
+    ablation_cell,
+    aggregation_cell,
+    patchcleanser_columns,
+)
 from certkit.runs.compare.plots import write_plots
 from certkit.runs.compare.spec import (
     ASR_BOUND_DELTA,
@@ -245,7 +256,17 @@ def _purifier_cell(spec: CompareSpec, cell: Mapping[str, Any], run: RunDirectory
                                                    epochs=spec.reactivation_epochs, lr=spec.reactivation_lr,
                                                    seed=spec.seed, device=device)
     row.update(_smoothed(spec, purified, data, device))
+    if spec.patchcleanser:
+        row.update(patchcleanser_columns(spec, purified, data, device))
     return {**row, "status": "ok", "reason": ""}
+
+
+def _certificate_cell(spec: CompareSpec, cell: Mapping[str, Any], run: RunDirectory, device: str) -> dict[str, Any]:
+    data = _data(spec, cell)
+    _, before = _before(spec, cell, run, data, device)
+    if cell["defense"] in ABLATION_CELLS:
+        return ablation_cell(spec, cell, run, data, before, device)
+    return aggregation_cell(spec, cell, run, data, before, device)
 
 
 def _ensemble_cell(spec: CompareSpec, cell: Mapping[str, Any], run: RunDirectory, device: str) -> dict[str, Any]:
@@ -302,6 +323,8 @@ def run_cell(spec_dict: Mapping[str, Any], cell: Mapping[str, Any], out: str, de
         run = RunDirectory.open(out)
         if cell["defense"] in ("rab", "cert-ssb"):
             row = _ensemble_cell(spec, cell, run, device)
+        elif cell["defense"] in ABLATION_CELLS or cell["defense"] in AGGREGATION_CELLS:
+            row = _certificate_cell(spec, cell, run, device)
         else:
             row = _purifier_cell(spec, cell, run, device)
     except CertkitError as exc:

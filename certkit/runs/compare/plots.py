@@ -1,8 +1,8 @@
 """Plots of a comparison directory (:mod:`certkit.compare`).
 
-* ``plots/asr_vs_ctr.png``: for every finished cell, the empirical ASR of the defended model (x) against the
-  certified trigger robustness of its smoothed version (y), one colour per defense and one marker per
-  attack. Points near the top left are defenses whose empirical and certified pictures agree; a point at the
+* ``plots/asr_vs_ctr.png``: for every finished cell, the empirical ASR of the defended model (x) against its
+  certified trigger robustness (y), one panel per certificate kind (l2 smoothing, patch, poisoning count;
+  each CTR in its own unit), one colour per defense and one marker per attack. Points near the top left are defenses whose empirical and certified pictures agree; a point at the
   bottom left is a defense that looks good empirically but certifies nothing at the trigger's norm.
 * ``plots/certified_accuracy_<attack>.png``: certified accuracy against l2 radius for every defense of one
   attack x poison rate, with the median trigger norm marked.
@@ -35,12 +35,24 @@ def certified_curve(curve: Mapping[str, Any], radii: np.ndarray) -> np.ndarray:
     return (len(correct) - np.searchsorted(correct, np.asarray(radii, dtype=np.float64), side="left")) / n
 
 
-def plot_asr_vs_ctr(table: pd.DataFrame, ax: Any = None, title: str | None = None) -> Any:
-    """Empirical ASR against certified trigger robustness, one point per finished cell."""
+#: the CTR columns of a comparison, one ASR-vs-CTR panel each: (column, axis label, panel title)
+CTR_KINDS: tuple[tuple[str, str, str], ...] = (
+    ("ctr", "certified trigger robustness (l2 smoothing)", "l2 smoothing: radius >= trigger norm"),
+    ("patch_ctr", "patch CTR (certified at the trigger's side)", "patch certificates: side >= trigger side"),
+    ("ctr_samples", "poisoning CTR (radius >= poisoned samples)", "aggregation: radius >= poisoned count"),
+)
+
+
+def plot_asr_vs_ctr(table: pd.DataFrame, ax: Any = None, title: str | None = None, *, column: str = "ctr",
+                    ylabel: str = "certified trigger robustness (smoothed)", legend: bool = True) -> Any:
+    """Empirical ASR against a certified trigger robustness column (``ctr``, ``patch_ctr`` or
+    ``ctr_samples``), one point per finished cell that has it."""
     plt = _pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 5))
-    ok = table[(table["status"] == "ok") & table["asr"].notna() & table["ctr"].notna()]
+    if column not in table:
+        table = table.assign(**{column: np.nan})
+    ok = table[(table["status"] == "ok") & table["asr"].notna() & table[column].notna()]
     groups = list(dict.fromkeys(zip(ok["attack"], ok["poison_rate"])))
     defenses = list(dict.fromkeys(ok["defense"]))
     cmap = plt.get_cmap("tab20")
@@ -48,13 +60,13 @@ def plot_asr_vs_ctr(table: pd.DataFrame, ax: Any = None, title: str | None = Non
         for g_i, (a, p) in enumerate(groups):
             sel = ok[(ok["defense"] == d) & (ok["attack"] == a) & (ok["poison_rate"] == p)]
             if len(sel):
-                ax.scatter(sel["asr"], sel["ctr"], color=cmap(d_i % 20), marker=_MARKERS[g_i % len(_MARKERS)],
+                ax.scatter(sel["asr"], sel[column], color=cmap(d_i % 20), marker=_MARKERS[g_i % len(_MARKERS)],
                            s=60, edgecolor="black", linewidth=0.5, label=d if g_i == 0 or d_i == 0 else None)
     for g_i, (a, p) in enumerate(groups):  # marker legend for the attacks
         ax.scatter([], [], color="white", edgecolor="black", marker=_MARKERS[g_i % len(_MARKERS)],
                    label=f"{a} @ {p:g}")
     ax.set_xlabel("empirical ASR of the defended model")
-    ax.set_ylabel("certified trigger robustness (smoothed)")
+    ax.set_ylabel(ylabel)
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
     ax.grid(alpha=0.3)
@@ -62,7 +74,7 @@ def plot_asr_vs_ctr(table: pd.DataFrame, ax: Any = None, title: str | None = Non
     seen: dict[str, Any] = {}
     for h, lab in zip(handles, labels):
         seen.setdefault(lab, h)
-    if seen:
+    if seen and legend:
         ax.legend(seen.values(), seen.keys(), fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title(title or "Empirical ASR vs certified trigger robustness")
     return ax
@@ -106,9 +118,14 @@ def write_plots(run: Any, table: pd.DataFrame) -> list[Path]:
     written: list[Path] = []
     if not len(table):
         return written
-    ax = plot_asr_vs_ctr(table)
+    ok = table[(table["status"] == "ok") & table["asr"].notna()]
+    panels = [k for k in CTR_KINDS if k[0] in ok and ok[k[0]].notna().any()] or [CTR_KINDS[0]]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 2.2, 4.8), squeeze=False)
+    for i, (column, ylabel, title) in enumerate(panels):  # one panel per certificate kind: units never mixed
+        plot_asr_vs_ctr(table, axes[0][i], title=title, column=column, ylabel=ylabel, legend=i == len(panels) - 1)
     rel = "plots/asr_vs_ctr.png"
-    written.append(save_figure(ax, run.file(rel)))
+    written.append(save_figure(axes[0][0], run.file(rel)))
     run.record_file(rel)
     rows = load_cells(run)
     groups: dict[str, list[dict[str, Any]]] = {}

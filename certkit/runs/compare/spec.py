@@ -30,10 +30,12 @@ PURIFIERS: tuple[str, ...] = ("ft", "fst", "tsc", "sau", "npd", "tsbd", "fine-pr
 
 
 #: Defenses that are not purifiers.
-SPECIAL_DEFENSES: tuple[str, ...] = ("undefended", "rab", "cert-ssb")
+SPECIAL_DEFENSES: tuple[str, ...] = ("undefended", "rab", "cert-ssb", "ds-column", "ds-block", "dpa", "dpa-roe",
+                                     "dpa-joint")
 
 
-DEFAULT_DEFENSES: tuple[str, ...] = ("undefended", *PURIFIERS, "rab", "cert-ssb")
+DEFAULT_DEFENSES: tuple[str, ...] = ("undefended", *PURIFIERS, "rab", "cert-ssb", "ds-column", "ds-block", "dpa",
+                                     "dpa-roe", "dpa-joint")
 
 
 DEFAULT_RADII: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -112,6 +114,13 @@ class CompareSpec:
             sample-specific scale ascent of Cert-SSB.
         reactivation, reactivation_samples, reactivation_epochs, reactivation_lr: re-activation check: SGD
             fine-tune of each purified model on that many poisoned training samples, ASR after it.
+        patchcleanser, patchcleanser_masks: PatchCleanser on the undefended and every purified model at the
+            trigger's patch side (``patch_ca``, ``patch_ctr``), with that many masks per axis (default
+            ``min(6, L - p + 1)``).
+        ablation_band: band (block side) of the ``ds-column`` / ``ds-block`` de-randomized smoothing cells and of
+            the ``dpa-joint`` members' column ablation.
+        dpa_k, dpa_epochs, dpa_batch_size: the partition ensemble of the ``dpa``, ``dpa-roe`` and ``dpa-joint``
+            cells (``k`` members, each trained on one hash partition).
         seed: seed of the split, poisoning, training, purification and noise.
     """
 
@@ -145,6 +154,12 @@ class CompareSpec:
     reactivation_samples: int = 5
     reactivation_epochs: int = 5
     reactivation_lr: float = 0.01
+    patchcleanser: bool = False
+    patchcleanser_masks: int | None = None
+    ablation_band: int = 2
+    dpa_k: int = 25
+    dpa_epochs: int = 60
+    dpa_batch_size: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -226,6 +241,14 @@ class CompareSpec:
         self.reactivation_samples = check_positive_int(self.reactivation_samples, "reactivation_samples")
         self.reactivation_epochs = check_positive_int(self.reactivation_epochs, "reactivation_epochs")
         self.reactivation_lr = _positive(self.reactivation_lr, "reactivation_lr")
+        if not isinstance(self.patchcleanser, bool):
+            raise InputError(f"patchcleanser must be true or false, got {self.patchcleanser!r}")
+        if self.patchcleanser_masks is not None:
+            self.patchcleanser_masks = check_positive_int(self.patchcleanser_masks, "patchcleanser_masks", minimum=2)
+        self.ablation_band = check_positive_int(self.ablation_band, "ablation_band")
+        self.dpa_k = check_positive_int(self.dpa_k, "dpa_k", minimum=2)
+        self.dpa_epochs = check_positive_int(self.dpa_epochs, "dpa_epochs")
+        self.dpa_batch_size = check_positive_int(self.dpa_batch_size, "dpa_batch_size")
         self.seed = check_seed(self.seed)
 
     # ------------------------------------------------------------------ serialisation
@@ -335,7 +358,9 @@ def preset(name: str) -> CompareSpec:
     RAB and Cert-SSB ensembles of 20 members trained 5 epochs each (with M votes a point certifies at most
     ``p_lower = (alpha / (2K)) ** (1 / M)`` with the class-selection correction: 20 members and 10 classes allow
     radius ~0.28 sigma), sigma 0.25, n = 1000 noise draws on
-    the whole test set. Purifier settings: :data:`PRESET_PURIFIER_PARAMS` (digits-scale batches and step
+    the whole test set; PatchCleanser on every model, column and block de-randomized smoothing (band 2), and
+    a DPA ensemble of 25 partitions (60 epochs of batch 16 per member) certified by DPA, DPA + ROE and the
+    joint certificate. Purifier settings: :data:`PRESET_PURIFIER_PARAMS` (digits-scale batches and step
     sizes; I-BAU perturbs the whole batch instead of the official 1%, which on 64-image batches is no image)
     over the capped official defaults; the re-activation check is on."""
     if name != "digits":
@@ -343,7 +368,7 @@ def preset(name: str) -> CompareSpec:
     return CompareSpec(dataset="digits", model="digits-bn-cnn", attacks=("badnets", "blended"), poison_rates=(0.1,),
                        defenses=DEFAULT_DEFENSES, budget_caps=dict(PRESET_BUDGET_CAPS),
                        purifier_params=copy.deepcopy(PRESET_PURIFIER_PARAMS), reactivation=True, sigma=0.25, n=1000,
-                       ensemble_members=20, ensemble_epochs=5, ssb_sigma_steps=200)
+                       ensemble_members=20, ensemble_epochs=5, ssb_sigma_steps=200, patchcleanser=True)
 
 
 def _one_line_yaml_error(exc: BaseException) -> str:

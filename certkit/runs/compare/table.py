@@ -15,7 +15,9 @@ from certkit.runs.rundir import RunDirectory
 
 TABLE_COLUMNS = ("attack", "poison_rate", "defense", "kind", "status", "reason", "ca", "asr", "ra", "der",
                  "ca_before", "asr_before", "reactivation_asr", "smoothed_ca", "acr", "ctr", "asr_bound_95",
-                 "ctr_conditional", "trigger_norm", "abstain_rate", "purify_s", "wall_s", "budget", "cell_id")
+                 "ctr_conditional", "trigger_norm", "abstain_rate", "patch_certificate", "patch_ca", "patch_ctr",
+                 "ctr_samples", "poisoned_in_unit", "purify_s", "wall_s", "budget", "cell_id")
+_TEXT_COLUMNS = ("attack", "defense", "kind", "status", "reason", "budget", "cell_id", "patch_certificate")
 
 
 def load_cells(path: str | os.PathLike | RunDirectory) -> list[dict[str, Any]]:
@@ -45,7 +47,7 @@ def build_table(rows: Sequence[Mapping[str, Any]], radii: Sequence[float]) -> pd
     cols = list(TABLE_COLUMNS[:16]) + [f"ca@{rad:g}" for rad in radii] + list(TABLE_COLUMNS[16:])
     frame = pd.DataFrame.from_records(records, columns=cols)
     for c in cols:
-        if c not in ("attack", "defense", "kind", "status", "reason", "budget", "cell_id"):
+        if c not in _TEXT_COLUMNS:
             frame[c] = pd.to_numeric(frame[c], errors="coerce")
     return frame
 
@@ -77,8 +79,13 @@ MARKDOWN_NOTE = (
     "asr_bound_95: a bound on the smoothed classifier's ASR over the whole test set that holds with probability "
     ">= 0.95 (1 - ctr + q/N, q the 95% quantile of the number of failed certificates; Markov form for ensembles, "
     "whose members' noise all points share); ctr_conditional: Cert-SSB's figure, which holds only for its "
-    "data-chosen training scales held fixed (not a certificate against poisoning; its ctr is empty). Times in "
-    "seconds. Budgets per row in table.csv.\n"
+    "data-chosen training scales held fixed (not a certificate against poisoning; its ctr is empty). "
+    "patch_ca / patch_ctr: patch certificates (PatchCleanser over the model of the row, or the de-randomized "
+    "smoothing cells) at the trigger's patch side in pixels, deterministic, empty for a global trigger; "
+    "ctr_samples: non-target triggered inputs that the DPA / DPA+ROE / joint aggregate classifies correctly with "
+    "a poisoning radius >= poisoned_in_unit (the attack's modified samples, each counting 2 inserted + deleted; "
+    "deterministic; joint: together with any patch of the trigger's side). Times in seconds. Budgets per row in "
+    "table.csv.\n"
 )
 
 
