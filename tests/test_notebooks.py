@@ -14,7 +14,8 @@ NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 def test_there_are_notebooks():
     names = {p.name for p in NOTEBOOKS}
     assert {"01_certified_accuracy_curves.ipynb", "04_certify_purified_models.ipynb",
-            "05_empirical_vs_certified.ipynb"} <= names
+            "05_empirical_vs_certified.ipynb", "06_patch_certificates.ipynb",
+            "07_poisoning_certificates.ipynb"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -29,3 +30,5 @@ def test_notebook_executes(path, monkeypatch, tmp_path):
     assert "undefended: CA" in text or path.name != "01_certified_accuracy_curves.ipynb"
     assert "purified-fst-noise" in text or path.name != "04_certify_purified_models.ipynb"
     assert "cells, " in text or path.name != "05_empirical_vs_certified.ipynb"
+    assert "patch CTR" in text or path.name != "06_patch_certificates.ipynb"
+    assert ("refused: the 'fa' certificate" in text and "roe " in text) or path.name != "07_poisoning_certificates.ipynb"
