@@ -12,8 +12,8 @@ Reported on the digits test split: CA / ASR / RA before -> after, DER and the pu
 The table is printed and written as Markdown to ``benchmarks/purifiers_results.md`` (``--budget digits``:
 ``purifiers_results_digits.md``; ``--fast``: ``purifiers_results_fast.md``; ``--out`` to change).
 
-Run: ``.venv/bin/python benchmarks/purifiers.py`` (full; minutes to an hour on 2 CPU cores) or
-``.venv/bin/python benchmarks/purifiers.py --fast`` (smoke run, about a minute).
+Run: ``.venv/bin/python benchmarks/bench_purifiers.py`` (full; minutes to an hour on 2 CPU cores) or
+``.venv/bin/python benchmarks/bench_purifiers.py --fast`` (smoke run, about a minute).
 """
 
 from __future__ import annotations
