@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     pur.add_argument("--method", required=True, help="purification method (see the list below)")
     pur.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                      help="method parameter (repeatable); VALUE is parsed as JSON when possible (3, 0.1, true, "
-                     "null), else kept as a string (default: the paper's / official defaults)")
+                     "null), else kept as a string (default: the paper's / official defaults); with a small clean "
+                     "set lower batch_size (e.g. --param batch_size=32): fewer than 4 steps per epoch are warned")
     pur.add_argument("--clean-fraction", type=_positive_float, default=None,
                      help="defender's clean data as a fraction of the training set, in (0, 1] (default: the "
                      "method's own fraction, raised to 0.2 when that leaves < 20 images per class, e.g. on digits)")

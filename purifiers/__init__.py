@@ -8,7 +8,7 @@ module registers itself just by existing.
 import importlib as _importlib
 import pkgutil as _pkgutil
 
-from .base import Purifier, PurifierTags
+from .base import Purifier, PurifierTags, SmallBudgetWarning
 from .evaluate import PurificationReport, evaluate
 from .registry import available, fast_params, make, register
 
@@ -30,6 +30,7 @@ __all__ = [
     "Purifier",
     "PurifierTags",
     "SharedAdversarialUnlearning",
+    "SmallBudgetWarning",
     "available",
     "evaluate",
     "fast_params",

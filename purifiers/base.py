@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import math
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -20,6 +22,14 @@ from torch import nn
 
 from certkit.errors import InputError
 from purifiers._common import check_inputs, check_num_classes, check_seed, split_validation
+
+#: an epoch with fewer optimiser steps than this gets a :class:`SmallBudgetWarning`
+MIN_STEPS_PER_EPOCH = 4
+
+
+class SmallBudgetWarning(RuntimeWarning):
+    """A purification epoch has only a few optimiser steps (the batch size is close to, or above, the number of
+    clean samples), so the method's epoch budget gives far fewer updates than in its paper."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,9 @@ class Purifier(ABC):
     #: Fraction of the clean data carved off as the validation split when a method that selects on
     #: validation data is given none.
     validation_fraction: ClassVar[float] = 0.2
+    #: The method makes passes (epochs) over the clean data in mini-batches of ``self.batch_size`` (False for
+    #: iteration budgets such as ANP's and for data-free methods): :meth:`purify` checks its steps per epoch.
+    epoch_batches: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every subclass constructor checks its parameters as soon as it has stored them (``_validate``), so
@@ -92,7 +105,8 @@ class Purifier(ABC):
         return f"{type(self).__name__}({params})"
 
     def purify(self, model: nn.Module, clean_data: Any, *, validation: Any = None, seed: int | None = None) -> nn.Module:
-        """Return a purified copy of ``model``; ``model`` itself is never modified.
+        """Return a purified copy of ``model``; ``model`` itself is never modified. Records ``budget_`` (steps per
+        epoch; a :class:`SmallBudgetWarning` when they are fewer than :data:`MIN_STEPS_PER_EPOCH`).
 
         Args:
             model: the (possibly backdoored) classifier, normalisation as its first layer.
@@ -113,6 +127,7 @@ class Purifier(ABC):
             clean_data, validation = split_validation(clean_data, self.validation_fraction, seed)
         elif validation is not None:
             check_inputs(model, validation)
+        self.budget_ = self._check_budget(len(clean_data))
         work = copy.deepcopy(model)
         purified = self._purify(work, clean_data, validation=validation, seed=seed)
         bad = [name for name, t in list(purified.named_parameters()) + list(purified.named_buffers())
@@ -121,6 +136,24 @@ class Purifier(ABC):
             raise InputError(f"{self.name} produced non-finite weights ({', '.join(bad[:3])}); the input model is "
                              "unchanged; try a smaller learning rate")
         return purified
+
+    def _check_budget(self, n: int) -> dict[str, Any] | None:
+        """Steps per epoch of ``batch_size`` mini-batches over ``n`` clean samples, recorded as ``budget_``
+        (``n_clean``, ``batch_size``, ``steps_per_epoch``, ``warning``); below :data:`MIN_STEPS_PER_EPOCH` a
+        :class:`SmallBudgetWarning` is issued (its text is the ``warning`` entry). None for methods without
+        epochs of mini-batches (``epoch_batches`` False, data-free methods)."""
+        batch_size = getattr(self, "batch_size", None)
+        if self.tags.data_free or not self.epoch_batches or not isinstance(batch_size, int) or batch_size < 1:
+            return None
+        steps = math.ceil(n / batch_size)
+        message = None
+        if steps < MIN_STEPS_PER_EPOCH:
+            head = (f"batch_size {batch_size} >= clean samples {n}: one step per epoch" if batch_size >= n else
+                    f"batch_size {batch_size} with {n} clean samples: {steps} optimiser steps per epoch")
+            message = (f"{self.name}: {head} (< {MIN_STEPS_PER_EPOCH}), far fewer updates than the method's "
+                       f"epoch budget assumes; lower batch_size (CLI: --param batch_size=...)")
+            warnings.warn(message, SmallBudgetWarning, stacklevel=3)
+        return {"n_clean": n, "batch_size": batch_size, "steps_per_epoch": steps, "warning": message}
 
     @abstractmethod
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:

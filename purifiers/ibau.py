@@ -1,8 +1,9 @@
 """I-BAU: Implicit Backdoor Adversarial Unlearning.
 
 Zeng, Chen, Park, Mao, Jin, Jia, "Adversarial Unlearning of Backdoors via Implicit Hypergradient", ICLR 2022
-(arXiv 2110.03735); official code YiZeng623/I-BAU (``defense.py``, ``hypergrad.py``), BackdoorBench
-re-implementation SCLBD/BackdoorBench ``defense/i-bau.py``.
+(arXiv 2110.03735); official code YiZeng623/I-BAU (``defense.py``, ``hypergrad.py``, and the notebook
+``clean_solution_batch_opt_hyperdimentional_cifar.ipynb``), BackdoorBench re-implementation
+SCLBD/BackdoorBench ``defense/i-bau.py``.
 """
 
 from __future__ import annotations
@@ -80,19 +81,25 @@ class ImplicitBackdoorAdversarialUnlearning(Purifier):
        step ``fp_lr`` = 0.1) of ``CE(f(x + delta * mask), y)``, where ``mask`` selects ``floor(portion * batch)``
        random samples of the batch (``portion`` = 0.01 as the official code: on a batch of 128 one image is
        perturbed). The inner loss of the fixed-point map is ``-CE(f(x0 + delta), y0) + 1e-3 * ||delta||^2`` on
-       the first clean batch ``(x0, y0)`` of the round, as in the official code.
+       the first clean batch ``(x0, y0)`` of the round.
 
-    The model is in eval mode throughout (BN uses its running statistics; its affine parameters are trained).
+    The model is in eval mode throughout (BN uses its running statistics, which never change; its affine
+    parameters are trained), as ``model.eval()`` in the official ``defense.py``, the notebook and BackdoorBench.
     Defaults: 5 rounds, K 5, Adam lr 1e-4, batch 128 (paper / official code). With a small clean set these
     give only a few Adam steps (10 on 251 images) and barely change the model; on 8x8 digits
     ``portion=1.0, lr=3e-4, batch_size=64`` lowered a BadNets ASR from 0.98 to 0.44 at a cost of ~0.1 CA.
 
+    Projection and clipping follow the original notebook, not ``defense.py`` / BackdoorBench: the notebook
+    projects ``delta`` onto the L2 ball of radius 10 (CIFAR-10) after the inner pass and clips ``x + delta``
+    to [0, 1]; ``defense.py`` and BackdoorBench leave both commented out (no projection, no clipping).
+
     Differences from the official code:
         - the L2 radius of ``delta`` scales with the input size: ``delta_norm=None`` gives
-          ``10 * sqrt(d / 3072)`` (``d`` = pixels x channels; the official 10 on 32x32x3 CIFAR-10, 1.44 on 8x8
-          digits), i.e. the same per-pixel RMS perturbation; the unscaled 10 exceeds the norm of any 8x8 image;
-        - ``x + delta`` is clipped to the image range [0, 1] (the official code does not clip);
-        - the model is kept in eval mode (the official code leaves BN in whatever mode the model is in);
+          ``10 * sqrt(d / 3072)`` (``d`` = pixels x channels; the notebook's 10 on 32x32x3 CIFAR-10, 1.44 on
+          8x8 digits), i.e. the same per-pixel RMS perturbation; the unscaled 10 exceeds the norm of any 8x8
+          image (a very large ``delta_norm`` approximates the unprojected ``defense.py`` / BackdoorBench);
+        - the inner loss of the fixed-point map uses the first batch of each round's shuffled order (official:
+          the first batch of one pass made before the rounds);
         - the perturbed samples and batch order are drawn from a generator seeded by ``seed``; the official
           ``portion`` quirk (1% of each batch perturbed in the outer loss) is kept as the default, ``portion=1.0``
           perturbs the whole batch.

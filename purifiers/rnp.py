@@ -50,6 +50,25 @@ def _accuracy(model: nn.Module, data: Any, dev: torch.device, batch_size: int = 
     return correct / max(len(data), 1)
 
 
+def mask_gammas(bns: list[tuple[str, nn.modules.batchnorm._BatchNorm]],
+                masks: dict[str, torch.Tensor]) -> list[torch.utils.hooks.RemovableHandle]:
+    """Forward hooks scaling each BN neuron's scale ``gamma`` by its mask, the shift ``beta`` untouched, as the
+    official ``MaskBatchNorm2d``: ``gamma * m * x_hat + beta = m * (BN(x) - beta) + beta`` (mask 0: the neuron
+    outputs ``beta``). ``masks`` maps BN names to per-channel masks; returns the handles (remove them)."""
+    handles = []
+    for name, bn in bns:
+        def hook(module, inputs, output, mask=masks[name]):
+            shape = [1, -1] + [1] * (output.dim() - 2)
+            m = mask.view(shape)
+            if module.bias is None:
+                return output * m
+            beta = module.bias.view(shape)
+            return (output - beta) * m + beta
+
+        handles.append(bn.register_forward_hook(hook))
+    return handles
+
+
 def prune_bn_neurons_(model: nn.Module, masks: dict[str, torch.Tensor], threshold: float) -> int:
     """In place: set the BN scale ``gamma`` to 0 for every neuron whose mask is ``<= threshold``
     (``masks`` maps BatchNorm module names to per-channel masks); returns the number of pruned neurons.
@@ -74,7 +93,8 @@ class ReconstructiveNeuronPruning(Purifier):
        norm clipped to ``max_grad_norm`` 20 after ``backward()``), at most ``unlearn_epochs`` 20 epochs,
        stopping after the first epoch whose running clean accuracy falls below ``clean_threshold`` (20%).
     2. *Recover*: on the unlearned copy (weights frozen, BN in train mode as in the official code), one mask
-       ``m`` in [0, 1] per BatchNorm neuron (initialised to 1) multiplies the BN output; the masks minimise
+       ``m`` in [0, 1] per BatchNorm neuron (initialised to 1) scales its ``gamma`` (not ``beta``: official
+       ``MaskBatchNorm2d``, :func:`mask_gammas`); the masks minimise
        ``alpha * CE`` on the clean data (SGD ``mask_lr`` 0.2, momentum 0.9, ``mask_epochs`` 20) and are
        clipped to [0, 1] after every step. Neurons the recovery does not need (small mask) are the ones the
        unlearning exposed as backdoor-related.
@@ -208,15 +228,7 @@ class ReconstructiveNeuronPruning(Purifier):
             q.requires_grad_(False)
         bns = _affine_batchnorms(model)
         masks = {name: torch.ones(bn.num_features, device=dev, requires_grad=True) for name, bn in bns}
-        handles = []
-        for name, bn in bns:
-            mask = masks[name]
-
-            def hook(module, inputs, output, mask=mask):
-                shape = [1, -1] + [1] * (output.dim() - 2)
-                return output * mask.view(shape)
-
-            handles.append(bn.register_forward_hook(hook))
+        handles = mask_gammas(bns, masks)
         opt = torch.optim.SGD(list(masks.values()), lr=p["mask_lr"], momentum=p["momentum"])
         model.train()
         n = len(data)

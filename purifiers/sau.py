@@ -29,12 +29,24 @@ from .registry import register
 
 
 def _js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
-    """Per-sample Jensen-Shannon divergence of ``softmax(logits_a)`` and ``softmax(logits_b)``."""
-    pa, pb = F.softmax(logits_a, dim=1), F.softmax(logits_b, dim=1)
-    m = (0.5 * (pa + pb)).clamp_min(1e-12)
-    kl_a = (pa * (pa.clamp_min(1e-12).log() - m.log())).sum(1)
-    kl_b = (pb * (pb.clamp_min(1e-12).log() - m.log())).sum(1)
-    return 0.5 * (kl_a + kl_b)
+    """Per-sample Jensen-Shannon divergence of ``softmax(logits_a)`` and ``softmax(logits_b)`` (probabilities
+    clamped at 1e-8 as in the official ``Shared_PGD``)."""
+    pa, pb = F.softmax(logits_a, dim=1).clamp(min=1e-8), F.softmax(logits_b, dim=1).clamp(min=1e-8)
+    m = 0.5 * (pa + pb)
+    return (0.5 * (pa * pa.log() + pb * pb.log()) - 0.5 * (pa * m.log() + pb * m.log())).sum(1)
+
+
+def shared_loss(logits_adv: torch.Tensor, yhat_ref: torch.Tensor, poison: torch.Tensor) -> torch.Tensor:
+    """SAU's shared-adversarial loss, official form: ``-log(1 - p(yhat_ref | x + d))`` summed over the
+    potential-poison samples (``poison`` mask) and divided by the **batch** size (not by the number of poison
+    samples). As in the official code, the two algebraically identical forms ``-log(1e-6 + min(1 - p, 0.999))``
+    and ``-log(1 + 1e-6 - max(p, 0.001))`` are averaged, so ``p < 0.001`` contributes a constant."""
+    prob = F.softmax(logits_adv, dim=1)
+    one_hot = F.one_hot(yhat_ref, num_classes=logits_adv.shape[1]).to(prob.dtype)
+    neg_p = (prob * (1.0 - one_hot)).sum(1)[poison]
+    pos_p = (prob * one_hot).sum(1)[poison]
+    total = -torch.log(1e-6 + neg_p.clamp(max=0.999)).sum() - torch.log(1.0 + 1e-6 - pos_p.clamp(min=0.001)).sum()
+    return total / 2 / logits_adv.shape[0]
 
 
 @register
@@ -47,14 +59,17 @@ class SharedAdversarialUnlearning(Purifier):
     1. *Shared adversarial examples* (inner PGD, L-inf ball of radius ``eps``, ``pgd_steps`` signed steps of
        ``pgd_step_size``, starting at the ``+eps`` corner as the official ``pgd_init: max``): minimise
        ``beta1 * L_adv + beta2 * L_share`` over ``delta``, with ``L_adv = -(CE(h(x+d), y) + CE(h_ref(x+d), y)) / 2``
-       over the samples that model does not yet misclassify (relative to its own clean prediction) and
-       ``L_share`` the Jensen-Shannon divergence of the two models' softmax over the samples that are not yet
-       *shared* adversarial examples (both wrong, same label); stops early once all are shared.
+       over the samples whose prediction that model has not yet changed (relative to its own clean
+       prediction) and ``L_share`` the Jensen-Shannon divergence of the two models' softmax over the samples
+       that are not yet *shared* adversarial examples (both models' predictions changed from their own clean
+       predictions, to the same label: the official rule, not the true label), both sums divided by the batch
+       size; stops early once all are shared.
     2. *Unlearning* (outer step, Adam, cosine schedule over ``epochs`` stepped per epoch):
-       ``lambda1 * CE(h(x), y) + lambda2 * CE(h(x+d), y) + lambda3 * L_shared``, where ``L_shared`` is the mean
-       over "potential poison" samples (``yhat_ref = argmax h_ref(x+d)`` differs from ``y`` and from
-       ``h_ref(x)``) of ``-log(1 - p_h(yhat_ref | x+d))`` (probability clamped at 0.999). Clean and
-       adversarial inputs go through one concatenated forward, as in the official code.
+       ``lambda1 * CE(h(x), y) + lambda2 * CE(h(x+d), y) + lambda3 * L_shared``, where ``L_shared``
+       (:func:`shared_loss`) sums ``-log(1 - p_h(yhat_ref | x+d))`` over the "potential poison" samples
+       (``yhat_ref = argmax h_ref(x+d)`` differs from ``y`` and from ``h_ref(x)``) and divides by the batch
+       size, as the official code. Clean and adversarial inputs go through one concatenated forward, as in the
+       official code.
 
     BN/dropout of ``h`` stay in eval mode unless ``train_mode=True`` (official default: "fixing BN leads to
     higher ACC but also higher ASR"); ``h_ref`` is always in eval mode.
@@ -62,8 +77,6 @@ class SharedAdversarialUnlearning(Purifier):
     Differences from the official code:
         - ``x + delta`` is clipped to ``[0, 1]`` (certkit models take pixels in ``[0, 1]`` with ``Normalize`` as
           their first layer); the official code does not clip;
-        - the official code adds the two algebraically identical forms of the shared loss and halves the sum;
-          here the single form is used (same value);
         - no label smoothing or data augmentation; batch order seeded by ``seed``; the defender's data is
           passed in (official: 5% random clean training data).
 
@@ -137,14 +150,14 @@ class SharedAdversarialUnlearning(Purifier):
             out_h, out_r = h(xa), ref(xa)
             pred_h, pred_r = out_h.argmax(1), out_r.argmax(1)
             fooled_h, fooled_r = pred_h != h_clean, pred_r != ref_clean
-            shared = (pred_h != y) & (pred_r != y) & (pred_h == pred_r)
-            if bool(shared.all()):
+            shared = fooled_h & fooled_r & (pred_h == pred_r)
+            if bool(shared.all()):  # the official step would have a zero gradient, then stop
                 delta = delta.detach()
                 break
             ce_h = F.cross_entropy(out_h, y, reduction="none")
             ce_r = F.cross_entropy(out_r, y, reduction="none")
-            l_adv = -0.5 * ((ce_h * (~fooled_h)).sum() + (ce_r * (~fooled_r)).sum())
-            l_share = (_js_divergence(out_h, out_r) * (~shared)).sum()
+            l_adv = -0.5 * ((ce_h * (~fooled_h)).sum() + (ce_r * (~fooled_r)).sum()) / len(x)
+            l_share = (_js_divergence(out_h, out_r) * (~shared)).sum() / len(x)
             loss = p["beta1"] * l_adv + p["beta2"] * l_share
             grad, = torch.autograd.grad(loss, delta)
             with torch.no_grad():
@@ -156,8 +169,7 @@ class SharedAdversarialUnlearning(Purifier):
     # ------------------------------------------------------------------------------------------ outer
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()
-        if clean_data.num_classes is not None:
-            dev, home = p["device"], module_device(model)
+        dev, home = p["device"], module_device(model)
         ref = copy.deepcopy(model).to(dev).eval()
         for q in ref.parameters():
             q.requires_grad_(False)
@@ -198,9 +210,7 @@ class SharedAdversarialUnlearning(Purifier):
                         if p["lambda2"] > 0:
                             loss = loss + p["lambda2"] * F.cross_entropy(out_a, y)
                         if p["lambda3"] > 0 and bool(poison.any()):
-                            prob = F.softmax(out_a[poison], dim=1).gather(1, yhat_ref[poison, None]).squeeze(1)
-                            l_shared = -torch.log(1.0 - prob.clamp(max=0.999)).mean()
-                            loss = loss + p["lambda3"] * l_shared
+                            loss = loss + p["lambda3"] * shared_loss(out_a, yhat_ref, poison)
                         if not math.isfinite(float(loss.detach())):
                             raise InputError(f"SAU diverged at epoch {epoch + 1} (lr={p['lr']:g}); try a smaller lr")
                         opt.zero_grad(set_to_none=True)
@@ -215,4 +225,4 @@ class SharedAdversarialUnlearning(Purifier):
         return model
 
 
-__all__ = ["SharedAdversarialUnlearning"]
+__all__ = ["SharedAdversarialUnlearning", "shared_loss"]

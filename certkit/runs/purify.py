@@ -174,6 +174,7 @@ def purify_run(run: RunDirectory, cfg: PurifyConfig, *, device: str = "auto", pr
                   "n_validation": 0 if validation is None else len(validation),
                   "train_indices": idx.tolist(), "sha256": clean.sha256()},
         "report": report.to_dict(), "noise_finetune": None,
+        "budget": getattr(purifier, "budget_", None),
     }
     entries = {cfg.model_name: {"method": cfg.method, "noise_sigma": None, **report.to_dict()}}
     noise_name = cfg.model_name + NOISE_SUFFIX
