@@ -42,6 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from certkit._validation import check_alpha, check_choice, check_positive_int
+from certkit.backdoor.metrics import empirical_metrics
 from certkit.backdoor.models import predict_logits
 from certkit.backdoor.prepare import PreparedData, prepare_data
 from certkit.certify.aggregation import (
@@ -58,11 +59,17 @@ from certkit.certify.aggregation import (
     roe_certify,
 )
 from certkit.certify.patch import derandomized_certify
-from certkit.certify.plots import _pyplot, save_figure
+from certkit.certify.plots import _pyplot, add_caption, save_figure, settings_caption, style
 from certkit.errors import InputError, RecordError
 from certkit.io import sha256_bytes
 from certkit.runs.ensemble_certify import EnsembleCertifyConfig, certify_ensemble
-from certkit.runs.ensemble_train import RUN_KIND, EnsembleSpec, member_name, read_layout
+from certkit.runs.ensemble_train import (
+    RUN_KIND,
+    EnsembleSpec,
+    announce_member_passes,
+    member_name,
+    read_layout,
+)
 from certkit.runs.models import load_run_model
 from certkit.runs.rundir import RunDirectory
 
@@ -190,6 +197,8 @@ def evaluate_members(run_dir: RunDirectory | str | Path, *, batch_size: int = 51
         except RecordError as exc:
             log(f"[aggregation] re-evaluating the members: {exc}")
     sets = {"clean": data.splits.test.x, "triggered": data.triggered.x}
+    announce_member_passes(run, spec, sum(len(x) for x in sets.values()), batch_size=batch_size, device=device,
+                           log=log, what="evaluate members", note="the outputs are saved and reused")
     out: dict[str, list[np.ndarray]] = {}
     t0 = time.perf_counter()
     for m in tqdm(range(spec.members), desc="evaluate members", unit="member", disable=not progress,
@@ -345,6 +354,9 @@ def certify_aggregation(run_dir: RunDirectory | str | Path, cfg: AggregationCert
     summary["dataset"] = {"name": data.splits.name, "n_train": len(data.splits.train),
                           "n_test": len(data.splits.test), "num_classes": data.num_classes}
     summary["layout"] = layout.to_dict()
+    if run.has_model("undefended") and "undefended" not in summary:  # the baseline trained with the members
+        summary["undefended"] = empirical_metrics(run.load_model("undefended"), data.splits.test.x,
+                                                  data.splits.test.y, data.triggered, device=device).to_dict()
     summary.setdefault("aggregation", {})[key] = row
     run.write_json("summary.json", summary)
     _plot(run, summary["aggregation"], data)
@@ -369,22 +381,26 @@ def _plot(run: RunDirectory, rows: dict[str, dict[str, Any]], data: PreparedData
     plt = _pyplot()
     units = sorted({r["unit"] for r in rows.values()})
     fig, axes = plt.subplots(1, len(units), figsize=(6.5 * len(units), 4.5), squeeze=False)
-    markers = "osD^v<>P"
+    keys = list(rows)  # one style per certificate, the same in every panel
     for ax, unit in zip(axes[0], units):
         mine = [r for r in rows.values() if r["unit"] == unit]
-        for i, r in enumerate(mine):
+        for r in mine:
             radii = [int(x) for x in r["certified_accuracy"]]
-            ax.plot(radii, list(r["certified_accuracy"].values()), marker=markers[i % len(markers)],
-                    drawstyle="steps-post", label=f"{r['key']} (k={r['k'] or r['members']})")
+            ax.plot(radii, list(r["certified_accuracy"].values()), drawstyle="steps-post", markersize=5,
+                    linewidth=1.6, label=f"{r['key']} (k={r['k'] or r['members']})", **style(keys.index(r["key"])))
         need = mine[0]["poisoned_in_unit"]
-        ax.axvline(need, color="black", linestyle=":", linewidth=1,
+        ax.axvline(need, color="0.45", linestyle=":", linewidth=1.6,
                    label=f"this attack: {mine[0]['n_poisoned']} poisoned = {need}")
         ax.set_xlabel(f"r ({unit})")
         ax.set_ylabel("certified accuracy (clean test set)")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    fig.suptitle(f"Poisoning-count certificates ({data.splits.name}, {len(data.splits.test)} test points)")
+    fig.suptitle("Poisoning-count certificates")
+    alphas = [r["alpha"] for r in rows.values() if r.get("alpha") is not None]
+    add_caption(fig, settings_caption(
+        dataset=data.splits.name, points=[r["n_clean"] for r in rows.values()], alpha=alphas or None,
+        extra="bagging: holds with probability >= 1 - α" if alphas else "deterministic"))
     return save_figure(axes[0][0], run.file("plots/aggregation_certified_accuracy.png"))
 
 

@@ -14,7 +14,10 @@ from certkit.runs.patch import patch_table
 from certkit.runs.plots import plot_certified_rows
 from certkit.runs.rundir import RunDirectory
 
-__all__ = ["purified_table", "report", "report_table"]
+__all__ = ["SMOKE_MARK", "certify_settings_lines", "purified_table", "report", "report_table"]
+
+#: the mark of results made with ``certkit purify --fast`` (the method's tiny smoke-test budgets)
+SMOKE_MARK = "(smoke test: --fast budgets)"
 
 
 def purified_table(summary: dict[str, Any]) -> str:
@@ -28,9 +31,12 @@ def purified_table(summary: dict[str, Any]) -> str:
         lines.append(f"{name:<26}{(f'{ns:g}' if ns else '-'):>7}"
                      f"{r['ca_before']:>6.3f}->{r['ca_after']:.3f}{r['asr_before']:>6.3f}->{r['asr_after']:.3f}"
                      f"{r['ra_before']:>6.3f}->{r['ra_after']:.3f}{r['der']:>7.3f}"
-                     f"{(r.get('runtime_s') or float('nan')):>7.1f}s")
+                     f"{(r.get('runtime_s') or float('nan')):>7.1f}s"
+                     + (f"  {SMOKE_MARK}" if r.get("smoke_test") else ""))
     lines.append("before -> after purification (before = the undefended backdoored model); noise: sigma of the "
-                 "Gaussian noise fine-tune; time: purification (or fine-tune) seconds.")
+                 "Gaussian noise fine-tune; time: purification (or fine-tune) seconds"
+                 + (f"; {SMOKE_MARK}: tiny budgets for smoke runs, not the method's results" if
+                    any(r.get("smoke_test") for r in rows.values()) else "") + ".")
     return "\n".join(lines)
 
 
@@ -71,6 +77,12 @@ def report_table(summary: dict[str, Any]) -> str:
                      "certified beyond the trigger's norm); ASR<=95%: a bound on the smoothed classifier's ASR over "
                      "the whole test set that holds with probability >= 0.95 (1 - CTR + q/N, q the 95% quantile "
                      "of the number of failed certificates); sm.ASR: measured ASR of the smoothed classifier.")
+        lines.extend(certify_settings_lines(summary))
+        purified = summary.get("purified", {})
+        smoke = sorted({r["model"] for r in cert if (purified.get(r["model"]) or {}).get("smoke_test")})
+        if smoke:
+            lines.append(f"{SMOKE_MARK}: {', '.join(smoke)} (purified with tiny budgets; not the method's "
+                         "results)")
         ssb = [r for r in cert if r.get("sigma_mode", "fixed") != "fixed"]
         if ssb:
             lines.append("*: sample-specific sigma (Cert-SSB SGA from the base sigma, each input's own) + "
@@ -83,6 +95,29 @@ def report_table(summary: dict[str, Any]) -> str:
 
         lines.extend(["", purified_table(summary)])
     return "\n".join(lines)
+
+
+def certify_settings_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per distinct CERTIFY setting of the certified rows: n0, n, alpha, points, seed and batch size
+    (runs made before rows recorded seed and batch size fall back to ``certify_settings``, else ``n/a``)."""
+    fallback = summary.get("certify_settings", {})
+    groups: dict[str, list[str]] = {}
+    for row in summary.get("certified", []):
+        def get(key: str, row: dict[str, Any] = row) -> Any:
+            value = row.get(key, fallback.get(key))
+            return "n/a" if value is None else f"{value:g}" if isinstance(value, float) else value
+
+        max_points = row.get("max_points", fallback.get("max_points"))
+        subsample = (f"max_points {max_points}" if max_points
+                     else f"{row['n_ids']} given ids" if row.get("n_ids") else "all")
+        text = (f"n0 {get('n0')}, n {get('n')}, alpha {get('alpha')}, {row['n_clean']} clean + "
+                f"{row['n_triggered']} triggered points ({subsample}), seed {get('seed')}, "
+                f"batch size {get('batch_size')}")
+        mark = "*" if row.get("sigma_mode", "fixed") != "fixed" else ""
+        groups.setdefault(text, []).append(f"{row['model']}{mark}@{row['sigma']:g}")
+    if len(groups) == 1:
+        return [f"certify settings: {next(iter(groups))}"]
+    return [f"certify settings of {', '.join(names)}: {text}" for text, names in groups.items()]
 
 
 def report(run_dir: str | Path, *, replot: bool = True) -> str:
@@ -101,13 +136,21 @@ def report(run_dir: str | Path, *, replot: bool = True) -> str:
             att = summary.get("attack", {})
             return (f"attack {att.get('name')} -> target {att.get('target')}, poison rate {att.get('poison_rate')}, "
                     f"{att.get('n_poisoned')} poisoned samples; layout {lay.get('kind')} (k={lay.get('k')}, "
-                    f"d={lay.get('d')})\n" + aggregation_table(summary))
+                    f"d={lay.get('d')})\n" + _undefended_line(summary) + aggregation_table(summary))
         return ensemble_report_table(summary)
     if not summary:
         raise RecordError(f"run directory {run.path} has no summary.json yet: run `certkit train` first")
     if replot and summary.get("certified"):
         plot_certified_rows(run, summary["certified"], run.read_frame("points.csv"))
     return report_table(summary)
+
+
+def _undefended_line(summary: dict[str, Any]) -> str:
+    emp = summary.get("undefended")
+    if not emp:
+        return ""
+    return (f"undefended model (trained on all the poisoned data): CA {emp['clean_accuracy']:.3f}  "
+            f"ASR {emp['attack_success_rate']:.3f}\n")
 
 
 def summary_json(run_dir: str | Path) -> str:

@@ -10,8 +10,8 @@ from certkit.runs.compare.spec import (
            attack_key,
            preset,
 )
-from certkit.runs.compare.table import build_table, load_cells, to_markdown
+from certkit.runs.compare.table import build_table, console_table, load_cells, to_markdown
 
 __all__ = ["PRESET_BUDGET_CAPS", "PRESET_PURIFIER_PARAMS", "CompareResult", "CompareSpec", "attack_key",
-           "build_table", "load_cells", "preset", "purifier_budget", "report", "run_cell", "run_compare",
+           "build_table", "console_table", "load_cells", "preset", "purifier_budget", "report", "run_cell", "run_compare",
            "to_markdown"]

@@ -4,7 +4,8 @@
   certified by double masking (Xiang et al., USENIX Security 2022) at the trigger's patch side on the clean
   and triggered test inputs: ``patch_ca`` (clean points certified correct) and ``patch_ctr``.
 * ``ds-column`` / ``ds-block``: a de-randomized smoothing model (Levine & Feizi, NeurIPS 2020) trained on the
-  poisoned data with seeded column (block) ablation of width ``spec.ablation_band``, certified on every
+  poisoned data with seeded column (block) ablation of width ``spec.ablation_band`` (side ``spec.block_band``),
+  certified on every
   ablation: its vote accuracy and ASR, ``patch_ca`` and ``patch_ctr``.
 * ``dpa`` / ``dpa-roe``: one Deep Partition Aggregation ensemble per attack (``spec.dpa_k`` hash partitions,
   :mod:`certkit.runs.aggregation`, shared by both cells), certified by DPA or DPA + Run-Off Election:
@@ -83,9 +84,10 @@ def ablation_cell(spec: CompareSpec, cell: Mapping[str, Any], run: RunDirectory,
     kind = ABLATION_CELLS[cell["defense"]]
     name = f"{cell['attack_key']}__{cell['defense']}"
     h, w = data.splits.input_shape[1:]
-    band = spec.ablation_band
+    band = spec.ablation_band if kind == "column" else spec.block_band
     if band > (w if kind == "column" else min(h, w)):
-        raise InputError(f"ablation_band {band} is larger than the {h}x{w} images")
+        raise InputError(f"{'ablation_band' if kind == 'column' else 'block_band'} {band} is larger than the "
+                         f"{h}x{w} images")
     t0 = time.perf_counter()
     if run.has_model(name):
         model = load_run_model(run, name)
@@ -134,7 +136,7 @@ def aggregation_cell(spec: CompareSpec, cell: Mapping[str, Any], run: RunDirecto
                          **({"ablation": "column", "band": spec.ablation_band} if joint else {}))
     sub_dir = run.path / "ensembles" / f"{cell['attack_key']}__{'dpa-joint' if joint else 'dpa'}"
     t0 = time.perf_counter()
-    sub = train_ensemble(espec, sub_dir, n_jobs=1, device=device, progress=False)
+    sub = train_ensemble(espec, sub_dir, n_jobs=1, device=device, progress=False, log=lambda *_: None)
     row = certify_aggregation(sub, AggregationCertifyConfig(certificate=certificate, patch_size=side),
                               device=device, progress=False, log=lambda *_: None)
     ca, asr = row["clean_accuracy"], row["asr"]

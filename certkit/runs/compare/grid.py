@@ -69,6 +69,7 @@ from certkit.devices import resolve_device
 from certkit.errors import CertkitError, RecordError
 from certkit.io import to_jsonable
 from certkit.parallel import check_backend, check_n_jobs, check_scheduler, map_tasks
+from certkit.runs.budget import announce, seconds_per_input
 from certkit.runs.compare.certificate_cells import (
     ABLATION_CELLS,
     AGGREGATION_CELLS,
@@ -162,9 +163,9 @@ def _train_backdoored(run: RunDirectory, spec: CompareSpec, cell: Mapping[str, A
 
 # ---------------------------------------------------------------------------------------------- cells
 def purifier_budget(spec: CompareSpec, name: str) -> dict[str, Any]:
-    """The parameters a purifier cell uses: official defaults, lowered by ``budget_caps``, then the spec's
-    ``purifier_params`` (``device``/``progress`` excluded). Raises :class:`UnknownNameError` when ``name``
-    is not registered."""
+    """The parameters a purifier cell uses: official defaults, lowered by ``budget_caps``, the spec's ``target``
+    for methods that take the target class (``needs_target``, e.g. MESA), then the spec's ``purifier_params``
+    (``device``/``progress`` excluded). Raises :class:`UnknownNameError` when ``name`` is not registered."""
     import inspect
 
     cls = type(purifiers.make(name))
@@ -176,6 +177,8 @@ def purifier_budget(spec: CompareSpec, name: str) -> dict[str, Any]:
         cap = spec.budget_caps.get(p.name)
         if cap is not None and isinstance(p.default, int) and not isinstance(p.default, bool) and p.default > cap:
             params[p.name] = cap
+    if cls.needs_target:
+        params["target"] = spec.target
     params.update(spec.purifier_params.get(name, {}))
     return json.loads(json.dumps(params, default=str))
 
@@ -280,7 +283,8 @@ def _ensemble_cell(spec: CompareSpec, cell: Mapping[str, Any], run: RunDirectory
                          seed=spec.seed,
                          **({"noise": "sample-specific", "sigma_steps": spec.ssb_sigma_steps,
                              "sigma_lr": spec.ssb_sigma_lr} if ssb else {}))
-    sub = train_ensemble(espec, run.path / "ensembles" / cell["id"], n_jobs=1, device=device, progress=False)
+    sub = train_ensemble(espec, run.path / "ensembles" / cell["id"], n_jobs=1, device=device, progress=False,
+                         log=lambda *_: None)
     summary = certify_ensemble_run(sub, EnsembleCertifyConfig(alpha=spec.alpha, max_points=spec.max_points,
                                                               seed=spec.seed, radii=tuple(spec.radii)),
                                    device=device, progress=False, log=lambda *_: None)
@@ -366,6 +370,39 @@ def _finished(run: RunDirectory, cid: str, sha: str, registered: Sequence[str]) 
     return row
 
 
+def cell_line(row: Mapping[str, Any]) -> str:
+    """The log line of a finished cell: its status, CA, ASR, each CTR it has and its seconds."""
+    head = f"[compare] {row['cell_id']}: {row['status']}"
+    tail = f" ({row.get('wall_s') or 0.0:.1f} s)"
+    if row["status"] != "ok":
+        return f"{head}: {row.get('reason', '')}{tail}"
+    parts = [f"{label} {row[key]:.3f}" for key, label in (
+        ("ca", "CA"), ("asr", "ASR"), ("ctr", "CTR"), ("ctr_conditional", "CTR(conditional)"),
+        ("patch_ctr", "patch CTR"), ("ctr_samples", "CTR(samples)"))
+        if isinstance(row.get(key), (int, float)) and not np.isnan(row[key])]
+    return f"{head}  " + "  ".join(parts) + tail
+
+
+def _announce_cells(run: RunDirectory, spec: CompareSpec, todo: Sequence[Mapping[str, Any]], reused: int,
+                    device: str | None, workers: int, log: Any) -> None:
+    """The budget line of :func:`run_compare`: the cells to run and the forward passes of the test-time
+    smoothing cells' certification, timed on the first backdoored model (no estimate on a Dask cluster,
+    ``device`` None)."""
+    other = ("rab", "cert-ssb", *ABLATION_CELLS, *AGGREGATION_CELLS)
+    smoothed = [c for c in todo if c["defense"] not in other]
+    data = _data(spec, todo[0])
+    draws, per = spec.n0 + spec.n, None
+    if device is not None:
+        model = run.load_model(backdoored_name(todo[0]["attack_key"]), device="cpu")
+        per = seconds_per_input(model, data.splits.input_shape, batch=min(spec.certify_batch_size, draws),
+                                device=device)
+    announce(log, "compare", len(smoothed) * len(data.keep) * draws, "forward passes",
+             detail=f"{len(todo)} cell(s) ({reused} kept); certification of {len(smoothed)} smoothed cell(s) x "
+             f"{len(data.keep)} points x (n0 {spec.n0} + n {spec.n}) draws", seconds_per_unit=per,
+             device=device, workers=min(workers, len(todo)),
+             note="purification, noise fine-tunes, patch certificates and ensemble training come on top")
+
+
 @dataclass
 class CompareResult:
     """What :func:`run_compare` returns: the directory, the table and how many cells ran this time."""
@@ -416,6 +453,8 @@ def run_compare(spec: CompareSpec | Mapping[str, Any], out: str | os.PathLike, *
     reused = len(cells) - len(todo)
     if reused:
         log(f"[compare] {reused} finished cell(s) kept, {len(todo)} to run")
+    if todo:
+        _announce_cells(run, spec, todo, reused, dev if scheduler is None else None, n_jobs, log)
     tasks = [(spec.to_dict(), c, str(Path(run.path).resolve()), dev) for c in todo]
     bar = tqdm(total=len(cells), initial=reused, desc="cells", unit="cell", disable=not progress,
                dynamic_ncols=True)
@@ -425,8 +464,7 @@ def run_compare(spec: CompareSpec | Mapping[str, Any], out: str | os.PathLike, *
             run.write_json(f"cells/{row['cell_id']}.json", row)
             bar.update(1)
             bar.set_postfix(last=row["cell_id"], status=row["status"])
-            if row["status"] != "ok":
-                log(f"[compare] {row['cell_id']}: {row['status']} ({row['reason']})")
+            log(cell_line(row))
     finally:
         bar.close()
     run.record_timing("compare", time.perf_counter() - t0)

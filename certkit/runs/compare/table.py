@@ -89,6 +89,34 @@ MARKDOWN_NOTE = (
 )
 
 
+#: the compact console table: (column of the full table, heading)
+CONSOLE_COLUMNS = (("attack", "attack"), ("defense", "defense"), ("ca", "CA"), ("asr", "ASR"), ("ctr", "CTR (l2)"),
+                   ("patch_ctr", "patch CTR"), ("ctr_samples", "CTR(samples)"), ("status", "status"))
+
+
+def console_table(table: pd.DataFrame) -> str:
+    """The compact console view of the comparison table, one line per cell (:data:`CONSOLE_COLUMNS`; the attack
+    carries its poison rate when the grid has several; ``-``: not measured); the full table is ``table.md`` /
+    ``table.csv``."""
+    several_rates = table["poison_rate"].nunique() > 1 if len(table) else False
+
+    def fmt(v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    rows = [[h for _, h in CONSOLE_COLUMNS]]
+    for _, r in table.iterrows():
+        cells = [fmt(r[c]) for c, _ in CONSOLE_COLUMNS]
+        if several_rates:
+            cells[0] = f"{r['attack']}@{r['poison_rate']:g}"
+        rows.append(cells)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(CONSOLE_COLUMNS))]
+    lines = ["  ".join(c.ljust(w) if i < 2 or i == len(widths) - 1 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
 def write_table(run: RunDirectory, spec: CompareSpec) -> pd.DataFrame:
     """Rebuild ``table.csv`` and ``table.md`` from ``cells/``."""
     table = build_table(load_cells(run), spec.radii)
