@@ -209,3 +209,65 @@ def check_model_input(model: torch.nn.Module, x: torch.Tensor, name: str = "x") 
             raise InputError(f"{name} has images of size {int(x.shape[2])}x{int(x.shape[3])} but the model was "
                              f"built for {want[1]}x{want[2]}")
     return x
+
+
+def check_input_shape(shape: Any, name: str = "input_shape") -> tuple[int, int, int]:
+    """``(C, H, W)`` of one image: three positive integers, given as a sequence or as the text ``"C,H,W"``.
+
+    >>> check_input_shape("1,28,28")
+    (1, 28, 28)
+    >>> check_input_shape((3, 32))
+    Traceback (most recent call last):
+    ...
+    certkit.errors.InputError: input_shape must be three positive integers C,H,W, got (3, 32)
+    """
+    values = shape.replace(" ", "").split(",") if isinstance(shape, str) else shape
+    bad = InputError(f"{name} must be three positive integers C,H,W, got {shape!r}")
+    try:
+        items = list(values)
+    except TypeError as exc:
+        raise bad from exc
+    if len(items) != 3:
+        raise bad
+    out = []
+    for v in items:
+        if isinstance(v, str):
+            if not v.isdigit():
+                raise bad
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise bad
+        out.append(int(v))
+    return out[0], out[1], out[2]
+
+
+def check_indices(values: Any, name: str = "ids", n: int | None = None) -> np.ndarray:
+    """Point indices: a non-empty 1-D array of distinct integers ``>= 0`` (and ``< n`` when ``n`` is given),
+    returned sorted as int64.
+
+    >>> check_indices([4, 0, 2]).tolist()
+    [0, 2, 4]
+    >>> check_indices([1, 1])
+    Traceback (most recent call last):
+    ...
+    certkit.errors.InputError: ids must not repeat an index: 1 appears 2 times
+    """
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise InputError(f"{name} must be a 1-D list of indices, got shape {arr.shape}")
+    if arr.size == 0:
+        raise InputError(f"{name} is empty: give at least one index")
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{name} must hold integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if int(arr.min()) < 0:
+        raise InputError(f"{name} must be indices >= 0, got {int(arr.min())}")
+    if n is not None and int(arr.max()) >= n:
+        raise InputError(f"{name} has index {int(arr.max())} but there are only {n} points (indices 0..{n - 1})")
+    uniq, counts = np.unique(arr, return_counts=True)
+    if len(uniq) != len(arr):
+        i = int(np.argmax(counts > 1))
+        raise InputError(f"{name} must not repeat an index: {int(uniq[i])} appears {int(counts[i])} times")
+    return uniq

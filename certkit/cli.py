@@ -1,4 +1,4 @@
-"""Command line interface: ``certkit demo | train | certify | purify | ensemble | compare | report``.
+"""Command line interface: ``certkit demo | train | certify | purify | ensemble | compare | export | report``.
 
 A thin layer over :mod:`certkit.runs`: each command parses its flags, calls one library function and prints.
 A flag that is not given is not passed, so the defaults live in the library (:mod:`certkit.runs.defaults`,
@@ -25,10 +25,17 @@ EPILOG = ("Run directories hold manifest.json, summary.json, points.csv, models/
 
 #: registered purification methods (purifiers.available(); repeated here so that --help never imports torch,
 #: a test keeps the two equal)
-PURIFIER_NAMES = ("anp", "clp", "fine-pruning", "fst", "ft", "ft-sam", "i-bau", "nad", "npd", "rnp", "sau", "tsbd",
-                  "tsc")
+PURIFIER_NAMES = ("anp", "clp", "fct-br", "fine-pruning", "fst", "ft", "ft-sam", "i-bau", "mesa", "nad", "npd", "rnp",
+                  "sau", "tsbd", "tsc")
 #: the --device choices (certkit.devices.DEVICE_CHOICES, repeated here so that --help never imports torch)
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+#: what --dataset accepts (certkit.backdoor.data.load_dataset / load_npz)
+DATASET_HELP = ("digits | mnist | cifar10 | gtsrb | npz:PATH | folder:PATH. npz: numpy.savez archive with x_train, "
+                "y_train, x_test, y_test; images uint8 0..255 or float 0..1, shaped NHW, NCHW or NHWC (1 or 3 "
+                "channels) or flat N x C*H*W in C,H,W order (see --input-shape); labels integers 0..K-1, shape N. "
+                "folder: PATH/<class>/*.png|jpg|... or PATH/train/<class>/... and PATH/test/<class>/...")
+INPUT_SHAPE_HELP = ("C,H,W of flat npz images (e.g. 1,28,28), recorded in the dataset spec as npz@C,H,W:PATH "
+                    "(default: a square guess, 1,H,H or 3,H,H, with a warning)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,6 +75,14 @@ _positive_float = _number
 _nonneg_float = _number
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    """``C,H,W`` as integers (checked by the library)."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not integers C,H,W: {text!r}") from exc
+
+
 def _json_dict(text: str) -> dict:
     try:
         d = json.loads(text)
@@ -82,6 +97,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                    help="where models run: auto picks CUDA when available (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars and no log lines: print only the final result (and errors)")
     p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="on an error, also print its cause (traceback)")
 
@@ -93,6 +110,12 @@ def _add_certify_flags(p: argparse.ArgumentParser, *, n_default: int) -> None:
                    help=f"failure probability of each certificate, in (0, 1) (default: {D.CERTIFY['alpha']})")
     p.add_argument("--max-points", type=_integer, default=None,
                    help="certify a fixed-seed subsample of this many test points (default: all)")
+
+
+def _add_plot_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", dest="plot_format", choices=["png", "pdf", "svg"], default=None,
+                   help="file format of the plots written (plots/*.png|pdf|svg) (default: png)")
+    p.add_argument("--dpi", type=_integer, default=None, help="resolution of the plots (default: 200)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,12 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=_integer, default=None, help=f"seed of the split, poisoning, training and noise (default: {D.TRAIN['seed']})")
     _add_certify_flags(demo, n_default=1000)
     _add_common(demo)
+    _add_plot_flags(demo)
 
     train = sub.add_parser("train", help="train (possibly backdoored) models into a run directory",
                            description="Train one model per noise level on a poisoned training set.")
     train.add_argument("--out", required=True, help="run directory to create (or resume)")
-    train.add_argument("--dataset", default=None,
-                       help=f"digits | mnist | cifar10 | gtsrb | npz:PATH | folder:PATH (default: {D.TRAIN['dataset']})")
+    train.add_argument("--dataset", default=None, help=f"{DATASET_HELP} (default: {D.TRAIN['dataset']})")
+    train.add_argument("--input-shape", type=_shape, default=None, metavar="C,H,W", help=INPUT_SHAPE_HELP)
     train.add_argument("--data-root", default=None, help="folder for torchvision datasets")
     train.add_argument("--download", action="store_true", help="allow torchvision to download the dataset")
     train.add_argument("--model", default=None, help=f"architecture: digits-cnn | digits-bn-cnn | rab-mnist-cnn | preact-resnet18 (default: {D.TRAIN['model']})")
@@ -182,12 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--seed", type=_integer, default=None, help=f"noise seed (default: {D.CERTIFY['seed']})")
     cert.add_argument("--batch-size", type=_integer, default=None, help=f"noisy copies per forward pass (default: {D.CERTIFY['batch_size']})")
     cert.add_argument("--dataset", default=None,
-                      help="certify on another dataset of the same input shape and classes "
-                      "(digits | mnist | cifar10 | gtsrb | npz:PATH | folder:PATH; default: the run's)")
+                      help=f"certify on another dataset of the same input shape and classes ({DATASET_HELP}; "
+                      "default: the run's)")
+    cert.add_argument("--input-shape", type=_shape, default=None, metavar="C,H,W", help=INPUT_SHAPE_HELP)
+    cert.add_argument("--ids", default=None, metavar="FILE",
+                      help="certify only these test-set indices (the index column of points.csv): a .npy array or a "
+                      "text/CSV file of integers separated by commas, spaces or newlines; distinct, in range; "
+                      "not with --max-points; smoothing certificates only")
     cert.add_argument("--data-root", default=None, help="folder for torchvision datasets (with --dataset)")
     cert.add_argument("--download", action="store_true", help="allow torchvision to download the dataset")
     _add_certify_flags(cert, n_default=10_000)
     _add_common(cert)
+    _add_plot_flags(cert)
 
     pur = sub.add_parser("purify", help="purify a run's backdoored model with an empirical defense",
                          description="Load the run's undefended (backdoored, sigma-0) model, purify it with a "
@@ -196,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "and save it as model 'purified-METHOD' (certify it with `certkit certify RUN --model "
                          "purified-METHOD --sigma S`) with its report in purify/METHOD.json.",
                          )
-    pur.lazy_epilog = lambda: "Methods: " + ", ".join(PURIFIER_NAMES)
+    pur.lazy_epilog = lambda: "Methods: " + ", ".join(PURIFIER_NAMES) + ". " + _cpu_heavy_note()
     pur.add_argument("run_dir", help="single-model run directory made by `certkit train` or `certkit demo`")
     pur.add_argument("--method", required=True, help="purification method (see the list below)")
     pur.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -225,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train M members, each on the poisoned training set plus one fixed "
                                 "Gaussian draw per training input; finished members are kept on resume.")
     etrain.add_argument("--out", required=True, help="run directory to create (or resume)")
-    etrain.add_argument("--dataset", default=None,
-                        help=f"digits | mnist | cifar10 | gtsrb | npz:PATH | folder:PATH (default: {D.TRAIN['dataset']})")
+    etrain.add_argument("--dataset", default=None, help=f"{DATASET_HELP} (default: {D.TRAIN['dataset']})")
+    etrain.add_argument("--input-shape", type=_shape, default=None, metavar="C,H,W", help=INPUT_SHAPE_HELP)
     etrain.add_argument("--data-root", default=None, help="folder for torchvision datasets")
     etrain.add_argument("--download", action="store_true", help="allow torchvision to download the dataset")
     etrain.add_argument("--model", default=None, help=f"member architecture (default: {D.ENSEMBLE['model']})")
@@ -285,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     ecert.add_argument("--max-points", type=_integer, default=None, help="certify a fixed-seed subsample of the test set")
     ecert.add_argument("--batch-size", type=_integer, default=None, help=f"inputs per forward pass (default: {D.ENSEMBLE_CERTIFY['batch_size']})")
     _add_common(ecert)
+    _add_plot_flags(ecert)
 
     cmp_ = sub.add_parser("compare", help="empirical vs certified robustness: attacks x defenses -> table, plots",
                           description="Run every attack x defense cell (the undefended model, each purifier with "
@@ -297,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--spec", default=None, help="spec file (.yaml/.yml or .json); unknown keys are an error")
     cmp_.add_argument("--out", default=None, help="comparison directory (default: runs/compare-<preset> or "
                       "runs/compare); a directory made from another spec is refused")
-    cmp_.add_argument("--dataset", default=None, help="digits | mnist | cifar10 | gtsrb | npz:PATH | folder:PATH")
+    cmp_.add_argument("--dataset", default=None, help=DATASET_HELP)
+    cmp_.add_argument("--input-shape", type=_shape, default=None, metavar="C,H,W", help=INPUT_SHAPE_HELP)
     cmp_.add_argument("--model", default=None, help="architecture of the backdoored model (default: digits-bn-cnn)")
     cmp_.add_argument("--attacks", nargs="+", default=None, help="attack names (default: badnets)")
     cmp_.add_argument("--poison-rates", type=_positive_float, nargs="+", default=None,
@@ -318,10 +350,24 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--scheduler", default=None,
                       help="run the cells on Dask: tcp://HOST:PORT or local-cluster (a LocalCluster of --n-jobs workers)")
     _add_common(cmp_)
+    _add_plot_flags(cmp_)
+
+    exp = sub.add_parser("export", help="write one model of a run as a plain TorchScript file or state dict",
+                         description="Load a model of a run (sha256-checked, weights_only) and write it for use "
+                         "without certkit: torchscript (torch.jit.load(FILE), inputs float32 NCHW in [0, 1], the "
+                         "normalisation inside, logits out; checked to give the run model's logits) or state-dict "
+                         "(torch.load(FILE, weights_only=True): a dict of tensors). Both write FILE.json describing "
+                         "the architecture, input and output.")
+    exp.add_argument("run_dir", help="run directory")
+    exp.add_argument("--model", required=True, help="model name in the run (an unknown name lists the run's models)")
+    exp.add_argument("--out", required=True, metavar="FILE", help="file to write (its description goes to FILE.json)")
+    exp.add_argument("--format", choices=["torchscript", "state-dict"], default=None,
+                     help="torchscript (default) or state-dict")
 
     rep = sub.add_parser("report", help="verify a run directory, redraw its plots and print its table")
     rep.add_argument("run_dir", help="run directory")
     rep.add_argument("--json", action="store_true", help="print summary.json instead of the table")
+    _add_plot_flags(rep)
     return parser
 
 
@@ -348,7 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return COMMANDS[args.command](args, not getattr(args, "no_progress", False))
+        _fold_input_shape(args)
+        bars = not (getattr(args, "no_progress", False) or getattr(args, "quiet", False))
+        with _plot_options(args):
+            return COMMANDS[args.command](args, bars)
     except CertkitError as exc:
         print(f"certkit: error: {_one_line(exc)}", file=sys.stderr)
         if args.verbose:
@@ -359,11 +408,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _plot_options(args: argparse.Namespace) -> Any:
+    """``--format`` / ``--dpi``: the format and resolution of every plot the command writes."""
+    from certkit.certify.plots import plot_options
+
+    return plot_options(**_given(args, format="plot_format", dpi="dpi"))
+
+
+def _cpu_heavy_note() -> str:
+    """``purify --help``: the default budgets that are infeasible on a CPU (:data:`defaults.PURIFY_CPU_HEAVY`)."""
+    heavy = ", ".join(f"{m} ({', '.join(f'{k}={v}' for k, v in b.items())})" for m, b in D.PURIFY_CPU_HEAVY.items())
+    return (f"Default budgets infeasible on a CPU at CIFAR-10 scale (hours each; preact-resnet18 takes ~1-2 min per "
+            f"epoch over 2,500 images): {heavy}; use a GPU or lower them with --param. The other methods take up to "
+            "about an hour there, every method minutes on digits. --fast results are smoke tests, labelled so in "
+            "reports.")
+
+
+def _log(args: argparse.Namespace) -> Any:
+    """The library's ``log`` callable: lines printed above any progress bar, none with ``--quiet``."""
+    from certkit.progress import console_log
+
+    return console_log(getattr(args, "quiet", False))
+
+
 def _one_line(exc: BaseException) -> str:
     """The error on one line; a message about a library setting names the flag that set it."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     name = text.split(" ", 1)[0]
     return f"{_FLAGS[name]}: {text}" if name in _FLAGS else text
+
+
+def _fold_input_shape(args: argparse.Namespace) -> None:
+    """``--input-shape`` is part of the dataset spec (``npz@C,H,W:PATH``): fold it into ``args.dataset``."""
+    if getattr(args, "input_shape", None) is None:
+        return
+    if args.dataset is None:
+        raise _usage("--input-shape needs --dataset npz:PATH")
+    from certkit.backdoor.data import dataset_spec
+
+    _FLAGS["input_shape"] = "--input-shape"
+    args.dataset = dataset_spec(args.dataset, args.input_shape)
 
 
 def _demo(args: argparse.Namespace, progress: bool) -> int:
@@ -373,12 +457,12 @@ def _demo(args: argparse.Namespace, progress: bool) -> int:
         from certkit.runs.ensemble_certify import run_ensemble_demo
 
         print(run_ensemble_demo(**_given(args, out="out", sigmas="sigmas", members="members", n_jobs="n_jobs"),
-                                **common, device=args.device, progress=progress))
+                                **common, device=args.device, progress=progress, log=_log(args)))
         return 0
     from certkit.runs.demo import run_demo
 
     print(run_demo(**_given(args, out="out", sigmas="sigmas", n0="n0", n="n"), **common, device=args.device,
-                   progress=progress))
+                   progress=progress, log=_log(args)))
     print(f"\nrun directory: {args.out or D.DEMO['out']}  (summary.json, points.csv, plots/certified_accuracy.png)")
     return 0
 
@@ -393,7 +477,7 @@ def _train(args: argparse.Namespace, progress: bool) -> int:
     cfg = TrainConfig(**_given(args, **_DATA_FLAGS, model="model", epochs="epochs", lr="lr",
                                batch_size="batch_size", noise_sigmas="noise_sigmas", ablation="ablation",
                                band="band"))
-    run = train(cfg, args.out, device=args.device, progress=progress, download=args.download)
+    run = train(cfg, args.out, device=args.device, progress=progress, download=args.download, log=_log(args))
     print(f"run directory: {run.path}")
     return 0
 
@@ -404,20 +488,23 @@ def _certify(args: argparse.Namespace, progress: bool) -> int:
     if args.certificate != "smoothing":
         from certkit.runs.patch import PatchCertifyConfig, certify_patches
 
+        if args.ids is not None:
+            raise _usage("--ids applies to --certificate smoothing (patch certificates take --max-points)")
+
         cfg = PatchCertifyConfig(certificate=args.certificate, models=args.model, **_given(
             args, patch_sizes="patch_size", masks="masks", theta="theta", rule="rule", max_points="max_points",
             seed="seed"))
-        run = certify_patches(args.run_dir, cfg, device=args.device, progress=progress)
+        run = certify_patches(args.run_dir, cfg, device=args.device, progress=progress, log=_log(args))
         print()
         print(report(run.path, replot=False))
         return 0
     from certkit.runs.single import certify
 
     settings = _given(args, n0="n0", n="n", alpha="alpha", seed="seed", batch_size="batch_size",
-                      max_points="max_points", dataset="dataset", data_root="data_root", sigma_modes="sigma_mode",
-                      sigma_steps="sigma_steps", sigma_lr="sigma_lr")
+                      max_points="max_points", ids="ids", dataset="dataset", data_root="data_root",
+                      sigma_modes="sigma_mode", sigma_steps="sigma_steps", sigma_lr="sigma_lr")
     run = certify(args.run_dir, models=args.model, sigmas=args.sigma, device=args.device, progress=progress,
-                  download=args.download, **settings)
+                  download=args.download, log=_log(args), **settings)
     print()
     print(report(run.path, replot=False))
     return 0
@@ -430,7 +517,7 @@ def _purify(args: argparse.Namespace, progress: bool) -> int:
     cfg = PurifyConfig(method=args.method, params=parse_params(args.param), fast=args.fast,
                        **_given(args, clean_fraction="clean_fraction", noise_finetune_epochs="noise_finetune",
                                 noise_sigma="noise_sigma", seed="seed"))
-    run = purify(args.run_dir, cfg, device=args.device, progress=progress)
+    run = purify(args.run_dir, cfg, device=args.device, progress=progress, log=_log(args))
     print()
     print(report(run.path, replot=False))
     print(f"\nrun directory: {run.path}  (models/{cfg.model_name}.pt, purify/{args.method}.json)")
@@ -451,7 +538,7 @@ def _ensemble(args: argparse.Namespace, progress: bool) -> int:
                             **({"sigma_steps": D.ENSEMBLE["sigma_steps"] if args.sigma_steps is None else args.sigma_steps,
                                 **_given(args, sigma_lr="sigma_lr")} if sample_specific else {}))
         run = train_ensemble_run(spec, args.out, scheduler=args.scheduler, device=args.device, progress=progress,
-                                 **_given(args, n_jobs="n_jobs"))
+                                 log=_log(args), **_given(args, n_jobs="n_jobs"))
         print(f"run directory: {run.path}")
         return 0
     from certkit.runs.aggregation import AggregationCertifyConfig, certify_ensemble_any
@@ -464,12 +551,12 @@ def _ensemble(args: argparse.Namespace, progress: bool) -> int:
                                    **_given(args, alpha="alpha", patch_size="patch_size", batch_size="batch_size"))
     print()
     print(certify_ensemble_any(args.run_dir, args.certificate, l2=cfg, aggregation=agg, device=args.device,
-                               progress=progress))
+                               progress=progress, log=_log(args)))
     return 0
 
 
 def _compare(args: argparse.Namespace, progress: bool) -> int:
-    from certkit.runs.compare import CompareSpec, run_compare
+    from certkit.runs.compare import CompareSpec, console_table, run_compare
 
     spec = CompareSpec.resolve(preset_name=args.preset, spec_file=args.spec, overrides={
         **_given(args, dataset="dataset", model="model", attacks="attacks", poison_rates="poison_rates",
@@ -478,11 +565,19 @@ def _compare(args: argparse.Namespace, progress: bool) -> int:
         **({"reactivation": True} if args.reactivation else {})})
     out = args.out or (f"runs/compare-{args.preset}" if args.preset else "runs/compare")
     res = run_compare(spec, out, scheduler=args.scheduler, device=args.device, progress=progress,
-                      **_given(args, n_jobs="n_jobs"))
+                      log=_log(args), **_given(args, n_jobs="n_jobs"))
     print()
-    print((res.path / "table.md").read_text())
+    print(console_table(res.table))
+    print(f"\nfull table ({len(res.table.columns)} columns): {res.path / 'table.md'} and table.csv")
     print(f"comparison directory: {res.path}  (table.csv, table.md, cells/, plots/; {res.computed} cell(s) run, "
           f"{res.reused} kept)")
+    return 0
+
+
+def _export(args: argparse.Namespace, progress: bool) -> int:
+    from certkit.runs.export import export_model
+
+    print(export_model(args.run_dir, args.model, args.out, **_given(args, format="format")))
     return 0
 
 
@@ -500,7 +595,7 @@ def _usage(message: str) -> CertkitError:
 
 
 COMMANDS = {"demo": _demo, "train": _train, "certify": _certify, "purify": _purify, "ensemble": _ensemble,
-            "compare": _compare, "report": _report}
+            "compare": _compare, "export": _export, "report": _report}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,12 +33,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from certkit.errors import InputError
+
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "dumps_json",
     "file_lock",
+    "read_indices",
     "sha256_bytes",
     "sha256_file",
     "to_jsonable",
@@ -182,3 +185,46 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
         finally:
             with contextlib.suppress(OSError):
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def read_indices(path: str | os.PathLike) -> np.ndarray:
+    """The integers of an index file as an int64 array, in file order (duplicates and range are the caller's
+    check, :func:`certkit._validation.check_indices`): a ``.npy`` 1-D integer array (read with
+    ``allow_pickle=False``), or text / CSV with integers separated by commas, spaces or newlines (lines
+    starting with ``#`` are comments).
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "ids.txt"
+    >>> _ = p.write_text("# test points\\n3, 1\\n7\\n")
+    >>> read_indices(p).tolist()
+    [3, 1, 7]
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"ids file {str(path)!r} does not exist")
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise InputError(f"could not read ids file {str(path)!r} as a .npy array: {' '.join(str(exc).split())}"
+                             ) from exc
+        if not isinstance(arr, np.ndarray) or arr.ndim != 1:
+            raise InputError(f"ids file {str(path)!r} must hold a 1-D array, got shape {getattr(arr, 'shape', None)}")
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+            raise InputError(f"ids file {str(path)!r} must hold integers, got dtype {arr.dtype}")
+        return arr.astype(np.int64)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"could not read ids file {str(path)!r} as text: {exc}") from exc
+    values: list[int] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.lstrip().startswith("#"):
+            continue
+        for token in line.replace(",", " ").split():
+            try:
+                values.append(int(token))
+            except ValueError:
+                raise InputError(f"ids file {str(path)!r}, line {number}: {token!r} is not an integer (write one "
+                                 "integer per index, e.g. numpy.savetxt(path, ids, fmt='%d'))") from None
+    return np.asarray(values, dtype=np.int64)

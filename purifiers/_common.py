@@ -10,13 +10,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from certkit._validation import check_float, check_positive_int
 from certkit._validation import check_seed as _check_seed
 from certkit.backdoor.data import ArrayDataset
 from certkit.devices import module_device, resolve_device
 from certkit.errors import InputError
+from certkit.progress import bar as progress_bar
+from certkit.progress import batches
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -177,8 +178,8 @@ def sgd_finetune(
             torch.manual_seed(seed)
             shuffle_gen = torch.Generator().manual_seed(seed)
             model.train()
-            bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-            for epoch in bar:
+            bar = progress_bar(epochs * batches(n, batch_size), desc, enabled=progress)
+            for epoch in range(epochs):
                 perm = torch.randperm(n, generator=shuffle_gen)
                 total = 0.0
                 for start in range(0, n, batch_size):
@@ -200,9 +201,11 @@ def sgd_finetune(
                     if after_step is not None:
                         after_step()
                     total += float(loss.detach()) * len(idx)
+                    bar.update(1)
                 sched.step()
                 losses.append(total / n)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{losses[-1]:.4f}")
+            bar.close()
     finally:
         model.eval()
         model.to(home)

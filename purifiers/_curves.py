@@ -14,10 +14,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from certkit.backdoor.data import ArrayDataset
 from certkit.errors import InputError
+from certkit.progress import bar as progress_bar
+from certkit.progress import batches
 
 __all__ = ["bezier_point", "fit_bezier_curve", "parameters_of", "update_bn"]
 
@@ -77,12 +78,13 @@ def fit_bezier_curve(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max or epochs)
     n = len(data)
     model.train()
-    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for epoch in bar:
+    bar = progress_bar(epochs * batches(n, batch_size), desc, enabled=progress)
+    for epoch in range(epochs):
         order = torch.randperm(n, generator=generator)
         total, seen = 0.0, 0
         for begin in range(0, n, batch_size):
             idx = order[begin:begin + batch_size]
+            bar.update(1)
             if len(idx) < 2 <= n:  # a batch of one breaks train-mode BatchNorm and contrastive losses
                 continue
             xb, yb = data.x[idx].to(device), data.y[idx].to(device)
@@ -104,7 +106,8 @@ def fit_bezier_curve(
             seen += len(idx)
         sched.step()
         if seen:
-            bar.set_postfix(loss=f"{total / seen:.4f}")
+            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{total / seen:.4f}")
+    bar.close()
     model.eval()
     return {k: v.detach() for k, v in mid.items()}
 

@@ -32,6 +32,22 @@ class SmallBudgetWarning(RuntimeWarning):
     clean samples), so the method's epoch budget gives far fewer updates than in its paper."""
 
 
+def _check_training_set(name: str, model: nn.Module, train_data: Any) -> Any:
+    """``train_data`` for a method tagged ``needs_training_set``: a non-empty ArrayDataset with the model's
+    number of classes (one-line :class:`InputError` otherwise)."""
+    from certkit.backdoor.data import ArrayDataset
+
+    if train_data is None:
+        raise InputError(f"{name} works on the poisoned training set, but none was given: pass train_data= "
+                         "(certkit purify and the compare grid pass it); the input model is unchanged")
+    if not isinstance(train_data, ArrayDataset):
+        raise InputError(f"train_data must be a certkit.backdoor.data.ArrayDataset, got {type(train_data).__name__}")
+    if len(train_data) == 0:
+        raise InputError(f"train_data is empty: {name} needs the poisoned training set")
+    check_num_classes(model, train_data)
+    return train_data
+
+
 @dataclass(frozen=True)
 class PurifierTags:
     """What a purification method needs and changes."""
@@ -44,6 +60,9 @@ class PurifierTags:
     uses_validation: bool = False
     #: the method needs BatchNorm layers in the model
     needs_batchnorm: bool = False
+    #: the method works on the poisoned training set (``purify(..., train_data=...)``; FCT's D-BR), not only
+    #: on a clean reserve
+    needs_training_set: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +84,9 @@ class Purifier(ABC):
     #: The method makes passes (epochs) over the clean data in mini-batches of ``self.batch_size`` (False for
     #: iteration budgets such as ANP's and for data-free methods): :meth:`purify` checks its steps per epoch.
     epoch_batches: ClassVar[bool] = True
+    #: The method takes the backdoor's target class as its ``target`` parameter (MESA); a harness that knows
+    #: the target (the comparison grid) passes it unless the parameters already set one.
+    needs_target: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every subclass constructor checks its parameters as soon as it has stored them (``_validate``), so
@@ -104,7 +126,8 @@ class Purifier(ABC):
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({params})"
 
-    def purify(self, model: nn.Module, clean_data: Any, *, validation: Any = None, seed: int | None = None) -> nn.Module:
+    def purify(self, model: nn.Module, clean_data: Any = None, *, validation: Any = None, seed: int | None = None,
+               train_data: Any = None) -> nn.Module:
         """Return a purified copy of ``model``; ``model`` itself is never modified. Records ``budget_`` (steps per
         epoch; a :class:`SmallBudgetWarning` when they are fewer than :data:`MIN_STEPS_PER_EPOCH`).
 
@@ -113,9 +136,18 @@ class Purifier(ABC):
             clean_data: the defender's small clean set (an :class:`~certkit.backdoor.data.ArrayDataset`).
             validation: a validation split carved from the defender's clean data, used for any selection.
             seed: seed of every random choice of the method.
+            train_data: the poisoned training set, required by (and only passed on to) methods tagged
+                ``needs_training_set`` (FCT's D-BR), which also accept ``clean_data=None``.
         """
-        check_inputs(model, clean_data)
-        check_num_classes(model, clean_data)
+        extra: dict[str, Any] = {}
+        if self.tags.needs_training_set:
+            extra["train_data"] = _check_training_set(self.name, model, train_data)
+            self._check_training_data(extra["train_data"])
+        if clean_data is None and self.tags.needs_training_set:
+            clean_data = extra["train_data"].subset([])  # the method does not use a clean reserve
+        else:
+            check_inputs(model, clean_data)
+            check_num_classes(model, clean_data)
         seed = check_seed(seed)
         if not self.tags.data_free and len(clean_data) < self.min_clean:
             raise InputError(f"{self.name} needs at least {self.min_clean} clean samples, got {len(clean_data)}")
@@ -127,15 +159,18 @@ class Purifier(ABC):
             clean_data, validation = split_validation(clean_data, self.validation_fraction, seed)
         elif validation is not None:
             check_inputs(model, validation)
-        self.budget_ = self._check_budget(len(clean_data))
+        self.budget_ = self._check_budget(len(extra["train_data"]) if extra else len(clean_data))
         work = copy.deepcopy(model)
-        purified = self._purify(work, clean_data, validation=validation, seed=seed)
+        purified = self._purify(work, clean_data, validation=validation, seed=seed, **extra)
         bad = [name for name, t in list(purified.named_parameters()) + list(purified.named_buffers())
                if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if bad:
             raise InputError(f"{self.name} produced non-finite weights ({', '.join(bad[:3])}); the input model is "
                              "unchanged; try a smaller learning rate")
         return purified
+
+    def _check_training_data(self, train_data: Any) -> None:
+        """Method-specific checks of the training set (``needs_training_set``), before any work or warning."""
 
     def _check_budget(self, n: int) -> dict[str, Any] | None:
         """Steps per epoch of ``batch_size`` mini-batches over ``n`` clean samples, recorded as ``budget_``

@@ -132,7 +132,7 @@ class FinePruning(Purifier):
         step: fraction of units added per pruning round (in (0, 1]). acc_drop: tolerated relative drop of
             validation accuracy (in [0, 1)).
         epochs, lr, momentum, weight_decay, batch_size: fine-tuning settings (momentum in [0, 1)).
-        device: ``"auto" | "cpu" | "cuda"``. progress: tqdm bar over fine-tuning epochs.
+        device: ``"auto" | "cpu" | "cuda"``. progress: tqdm bar per fine-tuning batch.
     """
 
     name = "fine-pruning"

@@ -28,7 +28,7 @@ class FineTuning(Purifier):
         lr: initial SGD learning rate (> 0). momentum, weight_decay: SGD settings (>= 0; momentum < 1).
         batch_size: mini-batch size (>= 1).
         device: ``"auto" | "cpu" | "cuda"``.
-        progress: show a tqdm bar over epochs.
+        progress: show a tqdm bar per batch.
     """
 
     name = "ft"

@@ -55,7 +55,7 @@ class FeatureShiftTuning(Purifier):
     Args:
         alpha: weight of the ``<W, W0>`` penalty (>= 0; 0 gives "ft-init" plus the norm constraint).
         epochs, lr, momentum, batch_size: SGD settings (momentum in [0, 1)).
-        device: ``"auto" | "cpu" | "cuda"``. progress: tqdm bar over epochs.
+        device: ``"auto" | "cpu" | "cuda"``. progress: tqdm bar per batch.
     """
 
     name = "fst"

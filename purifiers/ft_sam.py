@@ -11,10 +11,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from certkit.devices import module_device
 from certkit.errors import InputError
+from certkit.progress import bar as progress_bar
+from certkit.progress import batches
 
 from ._common import (
     check_float,
@@ -86,7 +87,7 @@ class FineTuningSAM(Purifier):
     Args:
         rho: perturbation radius (> 0). adaptive: ASAM (True) or plain SAM (False).
         label_smoothing: in [0, 1). epochs, lr, momentum, weight_decay, batch_size: SGD settings.
-        device: ``"auto" | "cpu" | "cuda"``. progress: tqdm bar over epochs.
+        device: ``"auto" | "cpu" | "cuda"``. progress: tqdm bar per batch.
     """
 
     name = "ft-sam"
@@ -133,8 +134,8 @@ class FineTuningSAM(Purifier):
                 torch.manual_seed(seed)
                 gen = torch.Generator().manual_seed(seed)
                 model.train()
-                bar = tqdm(range(p["epochs"]), desc="ft-sam", disable=not p["progress"], leave=False)
-                for epoch in bar:
+                bar = progress_bar(p["epochs"] * batches(n, bs), "ft-sam", enabled=p["progress"])
+                for epoch in range(p["epochs"]):
                     perm = torch.randperm(n, generator=gen)
                     total = 0.0
                     for start in range(0, n, bs):
@@ -168,8 +169,10 @@ class FineTuningSAM(Purifier):
                                              "try a smaller rho or lr")
                         opt.step()
                         total += float(loss.detach()) * len(idx)
+                        bar.update(1)
                     sched.step()
-                    bar.set_postfix(loss=f"{total / n:.4f}")
+                    bar.set_postfix(epoch=f"{epoch + 1}/{p['epochs']}", loss=f"{total / n:.4f}")
+                bar.close()
         finally:
             model.eval()
             model.to(home)

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from certkit.devices import module_device
 from certkit.errors import InputError
+from certkit.progress import bar as progress_bar
+from certkit.progress import batches
 
 from ._common import (
     _num_classes_of,
@@ -123,7 +124,7 @@ class NeuralPolarizerDefense(Purifier):
         step_size: signed PGD step (> 0). pgd_steps: (>= 1). lambda1..lambda4: loss weights (>= 0).
         train_bn: the polarizer's BN in train mode for the main-loop loss (default False: official; warm-up
             always uses train mode).
-        device: ``"auto" | "cpu" | "cuda"``. progress: tqdm bar over epochs.
+        device: ``"auto" | "cpu" | "cuda"``. progress: tqdm bar per batch.
     """
 
     name = "npd"
@@ -233,9 +234,8 @@ class NeuralPolarizerDefense(Purifier):
                 warm_opt = torch.optim.SGD(params, lr=p["warm_lr"])  # official: plain SGD
                 opt = torch.optim.SGD(params, lr=p["lr"], momentum=0.9, weight_decay=5e-4)
                 total_epochs = p["warm_epochs"] + p["epochs"]
-                bar = tqdm(range(total_epochs), desc="npd", disable=not p["progress"], leave=False,
-                           dynamic_ncols=True)
-                for epoch in bar:
+                bar = progress_bar(total_epochs * batches(n, bs), "npd", enabled=p["progress"])
+                for epoch in range(total_epochs):
                     warm = epoch < p["warm_epochs"]
                     perm = torch.randperm(n, generator=gen)
                     total = 0.0
@@ -276,7 +276,9 @@ class NeuralPolarizerDefense(Purifier):
                         loss.backward()
                         o.step()
                         total += float(loss.detach()) * len(idx)
-                    bar.set_postfix(loss=f"{total / n:.4f}")
+                        bar.update(1)
+                    bar.set_postfix(epoch=f"{epoch + 1}/{total_epochs}", loss=f"{total / n:.4f}")
+                bar.close()
         finally:
             for q, flag in flags:
                 q.requires_grad_(flag)

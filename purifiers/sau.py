@@ -14,10 +14,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from certkit.devices import module_device
 from certkit.errors import InputError
+from certkit.progress import bar as progress_bar
+from certkit.progress import batches
 
 from ._common import (
     check_device,
@@ -93,7 +94,7 @@ class SharedAdversarialUnlearning(Purifier):
         pgd_step_size: PGD signed step (> 0). beta1, beta2: PGD weights of ``L_adv`` and ``L_share`` (>= 0).
         lambda1, lambda2, lambda3: outer weights of clean CE, adversarial CE, shared loss (>= 0).
         train_mode: BN/dropout of ``h`` in train mode while unlearning.
-        device: ``"auto" | "cpu" | "cuda"``. progress: tqdm bar over epochs.
+        device: ``"auto" | "cpu" | "cuda"``. progress: tqdm bar per batch.
     """
 
     name = "sau"
@@ -185,9 +186,8 @@ class SharedAdversarialUnlearning(Purifier):
             with torch.random.fork_rng(devices=rng_devices):
                 torch.manual_seed(seed)
                 gen = torch.Generator().manual_seed(seed)
-                bar = tqdm(range(p["epochs"]), desc="sau", disable=not p["progress"], leave=False,
-                           dynamic_ncols=True)
-                for epoch in bar:
+                bar = progress_bar(p["epochs"] * batches(n, bs), "sau", enabled=p["progress"])
+                for epoch in range(p["epochs"]):
                     perm = torch.randperm(n, generator=gen)
                     total = 0.0
                     for start in range(0, n, bs):
@@ -217,8 +217,10 @@ class SharedAdversarialUnlearning(Purifier):
                         loss.backward()
                         opt.step()
                         total += float(loss.detach()) * len(idx)
+                        bar.update(1)
                     sched.step()
-                    bar.set_postfix(loss=f"{total / n:.4f}")
+                    bar.set_postfix(epoch=f"{epoch + 1}/{p['epochs']}", loss=f"{total / n:.4f}")
+                bar.close()
         finally:
             model.eval()
             model.to(home)

@@ -131,7 +131,8 @@ class TwoStageSymmetryConnectivity(Purifier):
         curve_wd: weight of ``0.5 * ||theta(t)||^2`` in the curve loss.
         ft_epochs, ft_lr: fine-tuning between rounds (``ft_epochs=0`` disables it).
         loss: ``"ce"`` or ``"simclr"``. temperature: NT-Xent temperature (``"simclr"`` only).
-        device: ``"auto" | "cpu" | "cuda"``. progress: tqdm bars over rounds and curve epochs.
+        device: ``"auto" | "cpu" | "cuda"``. progress: tqdm bars over rounds and per batch of the curve fit
+            and fine-tune.
     """
 
     name = "tsc"

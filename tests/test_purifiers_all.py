@@ -44,7 +44,8 @@ def test_every_method_on_every_architecture(name, arch):
         with pytest.raises(InputError, match="no BatchNorm"):
             method.purify(model, _data(shape), seed=0)
         return
-    out = method.purify(model, _data(shape), seed=0)
+    train = {"train_data": _data(shape, seed=1)} if purifiers.available()[name]["needs_training_set"] else {}
+    out = method.purify(model, _data(shape), seed=0, **train)  # FCT's D-BR also gets the (poisoned) training set
     assert same_state(state_of(model), before), "the input model was modified"
     assert out is not model
     assert isinstance(next(out.children()), Normalize)

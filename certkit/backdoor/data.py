@@ -12,7 +12,13 @@ Decisions (not fixed by the design notes):
 - ``load_dataset(..., root=None)`` uses ``$CERTKIT_DATA`` if set, else ``./data`` (:func:`default_root`).
 - GTSRB training labels are taken from the numeric class folder names (``00000`` .. ``00042``), not from
   the folder's rank, so a copy with a missing class folder keeps the right labels; ``num_classes = 43``.
-- ``.npz`` 4-D arrays whose axis 1 *and* axis 3 both have size 1 or 3 are read as NCHW (torch convention).
+- ``.npz`` 4-D arrays whose axis 1 *and* axis 3 both have size 1 or 3 are read as NCHW (torch convention);
+  an explicit ``input_shape`` settles it.
+- ``.npz`` flat arrays ``[N, D]`` are rows of ``C*H*W`` values in C, H, W order (``x.reshape(N, C, H, W)``,
+  the order of CIFAR-10's own files). The shape is given (``input_shape``; in a dataset spec
+  ``npz@C,H,W:PATH``, so that run configs record it with the dataset) or guessed: ``D = H*H`` gives
+  ``(1, H, H)``, ``D = 3*H*H`` gives ``(3, H, H)`` (both cannot hold at once), with a
+  :class:`GuessedShapeWarning` naming the guess; any other ``D`` is refused.
 - Image folders: images are resized to ``image_size x image_size`` (bilinear); they are read as one
   channel when every image is greyscale, else as RGB. The split is stratified when every class has at
   least two images, else a plain seeded random split.
@@ -22,7 +28,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import os
+import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,13 +41,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from certkit._validation import check_positive_int
+from certkit._validation import check_input_shape, check_positive_int
 from certkit.errors import InputError, UnknownNameError
 
 __all__ = [
     "DATASETS",
     "ArrayDataset",
     "DatasetSplits",
+    "GuessedShapeWarning",
+    "dataset_spec",
     "default_root",
     "load_dataset",
     "load_digits",
@@ -48,7 +58,8 @@ __all__ = [
     "load_torchvision",
 ]
 
-#: Dataset names accepted by :func:`load_dataset` (plus the ``npz:PATH`` and ``folder:PATH`` forms).
+#: Dataset names accepted by :func:`load_dataset` (plus the ``npz:PATH``, ``npz@C,H,W:PATH`` and ``folder:PATH``
+#: forms).
 DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "gtsrb", "npz", "folder")
 TORCHVISION_DATASETS: tuple[str, ...] = ("mnist", "cifar10", "gtsrb")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".pgm", ".tif", ".tiff")
@@ -384,10 +395,44 @@ _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 MAX_CLASSES_FLOOR = 1000
 
 
-def _npz_images(a: np.ndarray, key: str) -> torch.Tensor:
+class GuessedShapeWarning(UserWarning):
+    """Flat ``.npz`` images were reshaped to a guessed square ``(C, H, W)``; pass ``input_shape`` to choose."""
+
+
+def _guess_flat_shape(d: int, key: str) -> tuple[int, int, int]:
+    """The square ``(1, H, H)`` or ``(3, H, H)`` of ``d`` values per row (warned), else :class:`InputError`."""
+    for c in (1, 3):
+        h = math.isqrt(d // c) if d % c == 0 else 0
+        if h and c * h * h == d:
+            warnings.warn(f"{key} holds flat rows of {d} values: read as images of shape ({c}, {h}, {h}) in C, H, W "
+                          f"order (a guess; pass input_shape, CLI --input-shape C,H,W, to choose)",
+                          GuessedShapeWarning, stacklevel=3)
+            return c, h, h
+    raise InputError(f"{key} holds flat rows of {d} values, neither H*H (1 channel) nor 3*H*H (3 channels): "
+                     "pass input_shape=(C, H, W) (CLI: --input-shape C,H,W)")
+
+
+def _npz_images(a: np.ndarray, key: str, input_shape: tuple[int, int, int] | None = None) -> torch.Tensor:
     if a.dtype == np.bool_ or not (np.issubdtype(a.dtype, np.floating) or a.dtype == np.uint8):
         raise InputError(f"{key} must be uint8 (0..255) or float (0..1), got dtype {a.dtype}")
-    if a.ndim == 3:
+    if a.ndim == 2:  # flat rows, C*H*W values each in C, H, W order
+        c, h, w = input_shape if input_shape is not None else _guess_flat_shape(int(a.shape[1]), key)
+        if a.shape[1] != c * h * w:
+            raise InputError(f"{key} holds flat rows of {a.shape[1]} values but input_shape {(c, h, w)} needs "
+                             f"{c * h * w}")
+        a = a.reshape(a.shape[0], c, h, w)
+    elif input_shape is not None and a.ndim in (3, 4):
+        c, h, w = input_shape
+        if a.ndim == 3 and (c, h, w) == (1, *a.shape[1:]):
+            a = a[:, None]
+        elif a.ndim == 4 and tuple(a.shape[1:]) == (c, h, w):
+            pass
+        elif a.ndim == 4 and tuple(a.shape[1:]) == (h, w, c):
+            a = a.transpose(0, 3, 1, 2)
+        else:
+            raise InputError(f"{key} has shape {a.shape}, which does not hold images of input_shape {(c, h, w)} "
+                             "(as NHW, NCHW or NHWC)")
+    elif a.ndim == 3:
         a = a[:, None]  # NHW -> N1HW
     elif a.ndim == 4:
         if a.shape[1] in (1, 3):
@@ -399,7 +444,7 @@ def _npz_images(a: np.ndarray, key: str) -> torch.Tensor:
                 f"{key} has shape {a.shape}: expected NHW, NCHW or NHWC with 1 or 3 channels"
             )
     else:
-        raise InputError(f"{key} must be 3-D (NHW) or 4-D (NCHW / NHWC), got shape {a.shape}")
+        raise InputError(f"{key} must be 2-D (N, C*H*W flat), 3-D (NHW) or 4-D (NCHW / NHWC), got shape {a.shape}")
     if a.shape[0] == 0:
         raise InputError(f"{key} holds no images")
     if a.dtype == np.uint8:
@@ -430,13 +475,23 @@ def _npz_labels(a: np.ndarray, key: str, n: int) -> torch.Tensor:
     return torch.from_numpy(a.astype(np.int64))
 
 
-def load_npz(path: str | os.PathLike) -> DatasetSplits:
+def load_npz(path: str | os.PathLike, *, input_shape: Sequence[int] | str | None = None) -> DatasetSplits:
     """Load ``x_train, y_train, x_test, y_test`` from an ``.npz`` file (``allow_pickle=False``).
 
-    Images: uint8 0..255 or float in ``[0, 1]``; layout NHW, NCHW or NHWC with 1 or 3 channels.
-    Labels: integers ``>= 0``, shape ``[N]`` (or ``[N, 1]``); ``num_classes = max label + 1``.
-    Each problem names the offending key.
+    Images: uint8 0..255 or float in ``[0, 1]``; layout NHW, NCHW or NHWC with 1 or 3 channels, or flat
+    ``[N, C*H*W]`` rows in C, H, W order. ``input_shape`` ``(C, H, W)`` reads flat rows (without it a square
+    ``(1, H, H)`` or ``(3, H, H)`` is guessed, with a :class:`GuessedShapeWarning`) and checks, or settles
+    the layout of, 3-D and 4-D arrays. Labels: integers ``>= 0``, shape ``[N]`` (or ``[N, 1]``);
+    ``num_classes = max label + 1``. Each problem names the offending key.
+
+    >>> import tempfile
+    >>> rows = np.zeros((6, 784), np.uint8)  # six flat 28x28 images
+    >>> path = Path(tempfile.mkdtemp()) / "flat.npz"
+    >>> np.savez(path, x_train=rows, y_train=np.arange(6) % 2, x_test=rows[:2], y_test=np.array([0, 1]))
+    >>> load_npz(path, input_shape=(1, 28, 28))
+    DatasetSplits(name='flat', train=6, test=2, input_shape=(1, 28, 28), num_classes=2)
     """
+    shape = None if input_shape is None else check_input_shape(input_shape)
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"npz file {str(path)!r} does not exist")
@@ -462,8 +517,10 @@ def load_npz(path: str | os.PathLike) -> DatasetSplits:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"could not read {str(path)!r} as an .npz archive: {' '.join(str(exc).split())}") from exc
-    x_tr = _npz_images(arrays["x_train"], "x_train")
-    x_te = _npz_images(arrays["x_test"], "x_test")
+    if shape is None and arrays["x_train"].ndim == 2:  # guessed once (one warning), used for both splits
+        shape = _guess_flat_shape(int(arrays["x_train"].shape[1]), "x_train")
+    x_tr = _npz_images(arrays["x_train"], "x_train", shape)
+    x_te = _npz_images(arrays["x_test"], "x_test", shape)
     if x_tr.shape[1:] != x_te.shape[1:]:
         raise InputError(
             f"x_train images have shape {tuple(x_tr.shape[1:])} but x_test images {tuple(x_te.shape[1:])}"
@@ -589,28 +646,65 @@ def load_image_folder(
 # --------------------------------------------------------------------------------------------------
 # Dispatcher
 # --------------------------------------------------------------------------------------------------
+def _parse_spec(spec: Any) -> tuple[str, tuple[int, int, int] | None, str | None]:
+    """``(kind, input shape or None, path or None)`` of a dataset spec; the syntax checks of :func:`load_dataset`."""
+    if not isinstance(spec, str) or not spec:
+        raise InputError(f"dataset spec must be a non-empty string, got {spec!r}")
+    head, sep, arg = spec.partition(":")
+    kind, at, shape_text = head.strip().lower().partition("@")
+    if (sep and kind in ("npz", "folder")) or (not sep and kind in ("digits", *TORCHVISION_DATASETS)):
+        if at and kind != "npz":
+            raise InputError(f"dataset spec {spec!r}: a shape (@C,H,W) applies to npz@C,H,W:PATH only")
+        if sep and not arg:
+            raise InputError(f"dataset spec {spec!r} needs a path after '{head}:'")
+        shape = check_input_shape(shape_text, f"the shape in dataset spec {spec!r}") if at else None
+        return kind, shape, arg if sep else None
+    choices = ["digits", *TORCHVISION_DATASETS, "npz:PATH", "npz@C,H,W:PATH", "folder:PATH"]
+    raise UnknownNameError(f"unknown dataset {spec!r}; choose one of {', '.join(map(repr, choices))}")
+
+
+def dataset_spec(dataset: str, input_shape: Sequence[int] | str | None = None) -> str:
+    """``dataset`` with ``input_shape`` ``(C, H, W)`` written into it (``npz:PATH`` -> ``npz@C,H,W:PATH``), so
+    that a run config records the shape of flat ``.npz`` images with the dataset (what ``--input-shape`` does).
+
+    >>> dataset_spec("npz:data/flat.npz", "1,28,28")
+    'npz@1,28,28:data/flat.npz'
+    >>> dataset_spec("digits", (1, 8, 8))
+    Traceback (most recent call last):
+    ...
+    certkit.errors.InputError: input_shape applies to npz:PATH datasets (flat or ambiguous arrays), not 'digits'
+    """
+    kind, shape, path = _parse_spec(dataset)
+    if input_shape is None:
+        return dataset
+    if kind != "npz":
+        raise InputError(f"input_shape applies to npz:PATH datasets (flat or ambiguous arrays), not {dataset!r}")
+    given = check_input_shape(input_shape)
+    if shape is not None and shape != given:
+        raise InputError(f"input_shape {given} contradicts the shape {shape} in dataset spec {dataset!r}")
+    return f"npz@{given[0]},{given[1]},{given[2]}:{path}"
+
+
 def load_dataset(
-    spec: str, *, root: str | os.PathLike | None = None, download: bool = False, seed: int = 0
+    spec: str, *, root: str | os.PathLike | None = None, download: bool = False, seed: int = 0,
+    input_shape: Sequence[int] | str | None = None,
 ) -> DatasetSplits:
-    """Load a dataset by spec: ``"digits" | "mnist" | "cifar10" | "gtsrb" | "npz:PATH" | "folder:PATH"``.
+    """Load a dataset by spec: ``"digits" | "mnist" | "cifar10" | "gtsrb" | "npz:PATH" | "npz@C,H,W:PATH" |
+    "folder:PATH"``.
 
     ``root`` is the torchvision root (default :func:`default_root`); ``seed`` fixes the split of
     datasets without one (digits, image folders without train/test). ``download`` only applies to
-    torchvision datasets.
+    torchvision datasets. ``input_shape`` ``(C, H, W)`` (or the ``@C,H,W`` of the spec, see
+    :func:`dataset_spec`) is the shape of flat ``.npz`` images (:func:`load_npz`).
+
+    >>> load_dataset("digits")
+    DatasetSplits(name='digits', train=1257, test=540, input_shape=(1, 8, 8), num_classes=10)
     """
-    if not isinstance(spec, str) or not spec:
-        raise InputError(f"dataset spec must be a non-empty string, got {spec!r}")
-    kind, sep, arg = spec.partition(":")
-    kind = kind.strip().lower()
-    if sep and kind in ("npz", "folder"):
-        if not arg:
-            raise InputError(f"dataset spec {spec!r} needs a path after '{kind}:'")
-        if kind == "npz":
-            return load_npz(arg)
-        return load_image_folder(arg, seed=seed)
-    if not sep and kind == "digits":
+    kind, shape, path = _parse_spec(dataset_spec(spec, input_shape))
+    if kind == "npz":
+        return load_npz(path, input_shape=shape)
+    if kind == "folder":
+        return load_image_folder(path, seed=seed)
+    if kind == "digits":
         return load_digits(seed=seed)
-    if not sep and kind in TORCHVISION_DATASETS:
-        return load_torchvision(kind, default_root() if root is None else root, download=download)
-    choices = ["digits", *TORCHVISION_DATASETS, "npz:PATH", "folder:PATH"]
-    raise UnknownNameError(f"unknown dataset {spec!r}; choose one of {', '.join(map(repr, choices))}")
+    return load_torchvision(kind, default_root() if root is None else root, download=download)

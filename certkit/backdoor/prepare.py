@@ -45,7 +45,7 @@ class DataConfig:
     """What defines a run's data: dataset, attack and the seed of the split and the poisoning.
 
     Attributes:
-        dataset: ``digits | mnist | cifar10 | gtsrb | npz:PATH | folder:PATH``
+        dataset: ``digits | mnist | cifar10 | gtsrb | npz:PATH | npz@C,H,W:PATH | folder:PATH``
             (:func:`certkit.backdoor.data.load_dataset`); ``data_root``: torchvision's folder.
         attack, attack_params: :func:`certkit.backdoor.attacks.make_attack` name and parameters (checked).
         poison_rate: fraction of the whole training set poisoned, in ``[0, 1)``; ``target``: the target class.

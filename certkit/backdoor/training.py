@@ -25,12 +25,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from certkit._validation import check_choice, check_number, check_positive_int, check_seed
 from certkit.backdoor.data import ArrayDataset
 from certkit.devices import module_device, resolve_device
 from certkit.errors import InputError
+from certkit.progress import bar as progress_bar
+from certkit.progress import batches
 
 __all__ = ["OPTIMIZERS", "TrainingHistory", "noise_finetune", "train_model"]
 
@@ -105,7 +106,8 @@ def train_model(
             nothing. Combined with ``noise_sigma`` both are added.
         seed: seed of the shuffling, the noise and the model's own randomness.
         device: ``"auto" | "cpu" | "cuda"``; the model goes back to its original device afterwards.
-        progress: show a tqdm bar over epochs with the loss and accuracy.
+        progress: show a tqdm bar that advances per batch (epochs x batches), with the epoch, loss and
+            accuracy of the last finished epoch.
         input_transform: optional ``(batch, step) -> model input`` applied last to every batch, ``step``
             counting batches from 0 over all epochs (e.g. de-randomized smoothing's seeded band ablation,
             :func:`certkit.certify.patch.ablation_train_transform`).
@@ -162,8 +164,8 @@ def train_model(
             noise_gen = torch.Generator(device=dev).manual_seed(seed + 1)
             model.train()
             step = 0
-            bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-            for epoch in bar:
+            bar = progress_bar(epochs * batches(n, batch_size), desc, enabled=progress)
+            for epoch in range(epochs):
                 perm = torch.randperm(n, generator=shuffle_gen)
                 total_loss, correct = 0.0, 0
                 for b, start in enumerate(range(0, n, batch_size)):
@@ -198,9 +200,11 @@ def train_model(
                     opt.step()
                     total_loss += float(loss.detach())
                     correct += int((out.detach().argmax(dim=1) == yb).sum())
+                    bar.update(1)
                 history.loss.append(total_loss / n)
                 history.accuracy.append(correct / n)
-                bar.set_postfix(loss=f"{history.loss[-1]:.4f}", acc=f"{history.accuracy[-1]:.3f}")
+                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{history.loss[-1]:.4f}",
+                                acc=f"{history.accuracy[-1]:.3f}")
             bar.close()
     finally:
         model.eval()

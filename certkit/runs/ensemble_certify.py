@@ -80,7 +80,7 @@ from certkit.certify.metrics import (
     certified_triggered_accuracy,
     simultaneous_asr_bound,
 )
-from certkit.certify.plots import plot_certified_accuracy, save_figure
+from certkit.certify.plots import plot_certified_accuracy, save_figure, settings_caption
 from certkit.certify.results import CertificationResult
 from certkit.certify.storage import StorageCertifier
 from certkit.devices import resolve_device
@@ -91,6 +91,7 @@ from certkit.runs.ensemble_train import (
     SAMPLE_SPECIFIC_ASSUMPTION,
     STREAM_SIGMA_TEST,
     EnsembleSpec,
+    announce_member_passes,
     check_scales,
     load_ensemble,
     load_training_scales,
@@ -218,6 +219,8 @@ def certify_ensemble_run(run: RunDirectory, cfg: EnsembleCertifyConfig, *, devic
     if spec.sample_specific:  # per-query test sigma, each optimised on its own input (x, or x + t)
         sig_clean = optimized_test_sigmas(run, spec, test.x, device=device, log=log)[keep]
         sig_trig = optimized_test_sigmas(run, spec, trig.x, device=device, log=log, which="triggered")[keep_t]
+    announce_member_passes(run, spec, len(keep) + len(keep_t), batch_size=cfg.batch_size, device=device, log=log,
+                           what="ensemble certify", note="votes saved for the same points and members are reused")
     t0 = time.perf_counter()
     v_clean = _votes(run, ens, test.x[keep], "clean", test.subset(keep).sha256(), log, sigma=sig_clean)
     trig_x = trig.x[keep_t]
@@ -406,10 +409,17 @@ def _plot(run: RunDirectory, clean: CertificationResult, norm: float | None,
           title: str = "Training-time smoothing (RAB ensemble): clean test set") -> None:
 
     markers = [norm] if norm is not None and math.isfinite(norm) else None
+    summary = run.read_summary() if "summary.json" in run.manifest["files"] else {}
+    row = summary.get("ensemble") or {}
+    sigmas = np.unique(clean.sigma)
+    caption = settings_caption(
+        dataset=(summary.get("dataset") or {}).get("name"), points=len(clean), alpha=clean.meta.get("alpha"),
+        sigma=float(sigmas[0]) if len(sigmas) == 1 else f"per point (base {row.get('sigma', float('nan')):g})",
+        extra=f"{clean.meta.get('members', row.get('members'))} members, {clean.meta.get('bound', 'votes')} bound")
     ax = plot_certified_accuracy([clean], markers=markers, marker_label="test trigger l2 norm (median)",
-                                 title=title)
-    save_figure(ax, run.file("plots/certified_accuracy.png"))
-    run.record_file("plots/certified_accuracy.png")
+                                 title=title, caption=caption)
+    path = save_figure(ax, run.file("plots/certified_accuracy.png"))
+    run.record_file(path.relative_to(run.path).as_posix())
 
 
 def _asr_bound(ctr: float | None, triggered: CertificationResult, target: int, alpha: float) -> dict | None:
@@ -476,7 +486,7 @@ def train_ensemble_run(spec: EnsembleSpec, out: str | os.PathLike, *, n_jobs: in
                        device: str = "auto", progress: bool = True, log: Any = print) -> RunDirectory:
     """``certkit ensemble train``: train (or resume) the members (:func:`~certkit.runs.ensemble_train.train_ensemble`)
     and the noise-free baseline on the same poisoned data; returns the run directory."""
-    run = train_ensemble(spec, out, n_jobs=n_jobs, scheduler=scheduler, device=device, progress=progress)
+    run = train_ensemble(spec, out, n_jobs=n_jobs, scheduler=scheduler, device=device, progress=progress, log=log)
     train_undefended(run, spec, prepare_data(spec), device=device, progress=progress, log=log)
     return run
 

@@ -129,12 +129,14 @@ from certkit.backdoor.training import train_model
 from certkit.certify.aggregation import Layout
 from certkit.certify.ensemble import SmoothedEnsemble
 from certkit.certify.patch import KINDS as ABLATION_KINDS
-from certkit.certify.patch import ablation_train_transform
+from certkit.certify.patch import ablation_input_channels, ablation_train_transform
 from certkit.certify.sigma import optimize_sigma
 from certkit.devices import check_device_name, resolve_device
 from certkit.errors import CertkitError, InputError, RecordError
 from certkit.io import file_lock
 from certkit.parallel import check_backend, check_n_jobs, check_scheduler, map_tasks
+from certkit.progress import batches
+from certkit.runs.budget import announce, seconds_per_input
 from certkit.runs.defaults import ENSEMBLE
 from certkit.runs.layouts import LAYOUT_FILE, LAYOUTS, MemberLayout, member_layout
 from certkit.runs.models import build_ablated_model, load_run_model
@@ -152,6 +154,7 @@ from certkit.seeding import (
 )
 
 __all__ = [
+    "announce_member_passes",
     "ensemble_layout",
     "load_ensemble",
     "read_layout",
@@ -927,6 +930,44 @@ def train_member(
 # the ensemble
 
 
+def _announce_members(spec: EnsembleSpec, todo: Sequence[int], device: str | None, workers: int, download: bool,
+                      log: Any) -> None:
+    """The budget line of :func:`train_ensemble`: epochs x batches of each member still to train, timed on one
+    training step of a fresh member (no estimate for a Dask cluster: ``device`` None)."""
+    data, _ = _cached_data(spec, download=download)
+    sizes = ([len(ensemble_layout(spec, data).indices[m]) for m in todo] if spec.aggregation
+             else [len(data.poisoned.dataset)] * len(todo))
+    per_member = [batches(n, spec.batch_size) for n in sizes]
+    per = None
+    if device is not None:
+        c, h, w = data.splits.input_shape
+        shape = (ablation_input_channels(c), h, w) if spec.ablation is not None else (c, h, w)
+        per = seconds_per_input(_seeded_model(spec, data, spec.seed), shape, batch=spec.batch_size, device=device,
+                                backward=True)
+    mean = sum(per_member) / len(per_member)
+    announce(log, "ensemble train", spec.epochs * sum(per_member), "training steps",
+             detail=f"{len(todo)} member(s) x {spec.epochs} epochs x "
+             f"{'' if len(set(per_member)) == 1 else '~'}{mean:.0f} batches of {spec.batch_size}",
+             seconds_per_unit=None if per is None else per * spec.batch_size, device=device, workers=workers)
+
+
+def announce_member_passes(run: RunDirectory, spec: EnsembleSpec, inputs: int, *, batch_size: int,
+                           device: str | torch.device, log: Any, what: str, note: str = "") -> None:
+    """The budget line of collecting the members' outputs: members x ``inputs`` forward passes (x the
+    ablations of each input for de-randomized smoothing members), timed on one batch through member 0."""
+    data = prepare_data(spec)
+    c, h, w = data.splits.input_shape
+    shape, ablations = (c, h, w), 1
+    if spec.ablation is not None:
+        shape, ablations = (ablation_input_channels(c), h, w), (w if spec.ablation == "column" else h * w)
+    per = seconds_per_input(load_run_model(run, member_name(0), device="cpu"), shape, batch=batch_size,
+                            device=device)
+    announce(log, what, spec.members * inputs * ablations, "forward passes",
+             detail=f"{spec.members} members x {inputs} inputs (clean + triggered)"
+             + (f" x {ablations} ablations" if ablations > 1 else ""), seconds_per_unit=per,
+             device=resolve_device(device), note=note)
+
+
 def _member_task(spec: EnsembleSpec, m: int, path: str, device: str, download: bool) -> dict[str, Any]:
     """What a joblib/Dask worker runs (module level, so it pickles by reference)."""
     return train_member(spec, m, path, device=device, progress=False, download=download)
@@ -944,6 +985,7 @@ def train_ensemble(
     retrain_corrupt: bool = True,
     scheduler_timeout: float = 10.0,
     download: bool = False,
+    log: Any = print,
 ) -> RunDirectory:
     """Train every member of the ensemble that ``out`` does not hold yet; return the run directory.
 
@@ -964,6 +1006,7 @@ def train_ensemble(
         scheduler_timeout: seconds to connect to ``scheduler`` and to wait for its first worker before an
             :class:`InputError` naming the address.
         download: let torchvision datasets download.
+        log: where the budget line goes (members x epochs x batches still to train and a time estimate).
 
     The weights do not depend on ``n_jobs``, ``backend`` or ``scheduler`` (see module docstring). With
     ``noise="sample-specific"`` the reference model and the training scales are computed here, in this
@@ -1055,6 +1098,8 @@ def train_ensemble(
 
     path = str(Path(run.path).resolve())
     tasks = [(spec, m, path, dev, bool(download)) for m in todo]
+    if tasks:
+        _announce_members(spec, todo, dev if scheduler is None else None, min(n_jobs, len(todo)), download, log)
     t0 = time.perf_counter()
     bar = tqdm(
         total=spec.members,

@@ -35,7 +35,7 @@ from certkit.certify.patch import (
     patch_trigger_robustness,
     patchcleanser_certify,
 )
-from certkit.certify.plots import _pyplot, save_figure
+from certkit.certify.plots import _pyplot, add_caption, save_figure, settings_caption, style
 from certkit.errors import InputError
 from certkit.runs.models import build_model_from_spec
 from certkit.runs.rundir import RunDirectory
@@ -206,23 +206,24 @@ def certify_patches(run_dir: str | Path | RunDirectory, cfg: PatchCertifyConfig,
 def _plot(run: RunDirectory, rows: list[dict[str, Any]], data: PreparedData) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = "osD^v<>P"
     for i, r in enumerate(rows):
         sides = [int(m) for m in r["certified_accuracy"]]
         acc = list(r["certified_accuracy"].values())
-        ax.plot(sides, acc, marker=markers[i % len(markers)], drawstyle="steps-post" if len(sides) > 1 else None,
-                label=f"{r['model']} ({r['certificate']})")
+        ax.plot(sides, acc, drawstyle="steps-post" if len(sides) > 1 else None, markersize=5, linewidth=1.6,
+                label=f"{r['model']} ({r['certificate']})", **style(i))
     side = data.attack.patch_side(data.input_shape)
     if side is not None:
-        ax.axvline(side, color="black", linestyle=":", linewidth=1, label=f"trigger side ({side} px)")
+        ax.axvline(side, color="0.45", linestyle=":", linewidth=1.6, label=f"trigger side ({side} px)")
     ax.set_xlabel("patch side m (pixels): certified against any patch of side <= m")
     ax.set_ylabel("certified accuracy (clean test set)")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    ax.set_title(f"Patch certificates ({data.splits.name}, {rows[0]['n_clean'] if rows else 0} points; "
-                 "deterministic)")
-    fig.tight_layout()
+    ax.legend(fontsize="small", loc="best")
+    ax.set_title("Patch certificates (deterministic)")
+    settings = "; ".join(dict.fromkeys(", ".join(f"{k}={v}" for k, v in r["settings"].items())
+                                       for r in rows if r.get("settings")))
+    add_caption(fig, settings_caption(dataset=data.splits.name, points=[r["n_clean"] for r in rows],
+                                      extra=settings or None))
     return save_figure(ax, run.file("plots/patch_certified_accuracy.png"))
 
 

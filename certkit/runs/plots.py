@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from certkit.certify.plots import _pyplot, plot_certified_accuracy, save_figure
+from certkit.certify.plots import _pyplot, plot_certified_accuracy, save_figure, settings_caption
 from certkit.certify.results import CertificationResult
 from certkit.runs.models import NOISE_SUFFIX, PURIFIED_PREFIX
 from certkit.runs.rundir import RunDirectory
@@ -19,38 +19,39 @@ __all__ = ["plot_certified_rows", "write_plots", "write_purified_plot"]
 
 
 def write_plots(run: RunDirectory, clean_results: Sequence[CertificationResult],
-                trigger_norm: float | None = None) -> Path:
-    """``plots/certified_accuracy.png``: clean-set curves, with the (median) trigger norm marked."""
+                trigger_norm: float | None = None, caption: str | None = None) -> Path:
+    """``plots/certified_accuracy.png``: clean-set curves, with the radius caps and the (median) trigger norm
+    marked and the settings in ``caption``; returns the path written (its suffix: the plot format)."""
 
     markers = [trigger_norm] if trigger_norm is not None and math.isfinite(trigger_norm) else None
     ax = plot_certified_accuracy(list(clean_results), markers=markers, marker_label="trigger l2 norm (median)",
-                                 title="Test-time smoothing: clean test set")
-    if markers:
-        ax.set_xlim(0, max(ax.get_xlim()[1], markers[0] * 1.1))
+                                 title="Test-time smoothing: clean test set", caption=caption)
     return save_figure(ax, run.file("plots/certified_accuracy.png"))
 
 
-def write_purified_plot(run: RunDirectory, results: Sequence[tuple[str, Any]], trigger_norm: float | None = None):
+def write_purified_plot(run: RunDirectory, results: Sequence[tuple[str, Any]], trigger_norm: float | None = None,
+                        caption: str | None = None) -> Path | None:
     """``plots/purified_certified_accuracy.png``: certified accuracy (clean test set, test-time smoothing) of
-    the purified models, without (left) and with (right) the Gaussian noise fine-tune. ``results`` holds
-    ``(model name, CertificationResult)`` pairs; returns the path, or None when no purified model is among them."""
+    the purified models, without (left) and with (right) the Gaussian noise fine-tune (one panel when only one
+    kind was certified). ``results`` holds ``(model name, CertificationResult)`` pairs; returns the path, or
+    None when no purified model is among them."""
 
     plain = [r for name, r in results if name.startswith(PURIFIED_PREFIX) and not name.endswith(NOISE_SUFFIX)]
     noisy = [r for name, r in results if name.startswith(PURIFIED_PREFIX) and name.endswith(NOISE_SUFFIX)]
-    if not plain and not noisy:
+    panels = [(g, t) for g, t in ((plain, "purified"), (noisy, "purified + noise fine-tune")) if g]
+    if not panels:
         return None
     plt = _pyplot()
-    _, axes = plt.subplots(1, 2, figsize=(11, 4))
-    top = max([float(r.radius.max(initial=0.0)) for r in plain + noisy] + [trigger_norm or 0.0]) * 1.05 or 1.0
-    markers = [trigger_norm] if trigger_norm is not None and math.isfinite(trigger_norm) else None
-    for ax, group, title in ((axes[0], plain, "purified"), (axes[1], noisy, "purified + noise fine-tune")):
-        if group:
-            plot_certified_accuracy(group, ax=ax, max_radius=top, markers=markers,
-                                    marker_label="trigger l2 norm (median)", title=title)
-        else:
-            ax.set_title(f"{title}: not certified")
-            ax.set_axis_off()
-    return save_figure(axes[0], run.file("plots/purified_certified_accuracy.png"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.4), squeeze=False, sharey=True)
+    top = max(float(r.radius.max(initial=0.0)) for g, _ in panels for r in g)
+    for k, (ax, (group, title)) in enumerate(zip(axes[0], panels)):
+        plot_certified_accuracy(group, ax=ax, markers=[trigger_norm] if trigger_norm is not None else None,
+                                marker_label="trigger l2 norm (median)", title=title,
+                                caption=caption if k == 0 else None)
+    right = max(ax.get_xlim()[1] for ax in axes[0])
+    for ax in axes[0]:  # one radius scale for both panels
+        ax.set_xlim(0.0, max(right, top))
+    return save_figure(axes[0][0], run.file("plots/purified_certified_accuracy.png"))
 
 
 def _rows_of(frame: pd.DataFrame, row: dict[str, Any], which: str = "clean") -> pd.DataFrame:
@@ -72,10 +73,20 @@ def plot_certified_rows(run: RunDirectory, rows: Sequence[dict[str, Any]], frame
     for row in rows:
         mode = row.get("sigma_mode", "fixed")
         suffix = "" if mode == "fixed" else " (sample-specific)"
-        result = CertificationResult.from_frame(_rows_of(frame, row),
-                                                meta={"name": f"{row['model']}, sigma={row['sigma']:g}{suffix}"})
+        meta = {"name": f"{row['model']}, sigma={row['sigma']:g}{suffix}"}
+        if mode == "fixed":  # Cohen's CERTIFY with one sigma: its radius cap is known
+            meta.update(method="cohen-certify", n=row.get("n"), alpha=row.get("alpha"))
+        result = CertificationResult.from_frame(_rows_of(frame, row), meta=meta)
         results.append(result)
         if mode == "fixed":
             named.append((row["model"], result))
-    write_plots(run, results, norm)
-    write_purified_plot(run, named, norm)
+    summary = run.read_summary() if "summary.json" in run.manifest["files"] else {}
+    caption = settings_caption(
+        dataset=(summary.get("dataset") or {}).get("name"), points=[len(r) for r in results],
+        n=[row["n"] for row in rows if row.get("n") is not None] or None,
+        n0=[row["n0"] for row in rows if row.get("n0") is not None] or None,
+        alpha=[row["alpha"] for row in rows if row.get("alpha") is not None] or None,
+        sigma=[row["sigma"] for row in rows],
+        extra="sample-specific: base sigma" if any(r.get("sigma_mode", "fixed") != "fixed" for r in rows) else None)
+    write_plots(run, results, norm, caption=caption)
+    write_purified_plot(run, named, norm, caption=caption)

@@ -16,11 +16,14 @@ after (CA, ASR, RA, DER, runtime) and writes
   backdoor back?).
 
 ``summary.json`` gets a ``"purified"`` section (one entry per saved model) that :func:`certkit.runs.single.report`
-prints; ``certkit certify RUN --model purified-<method> --sigma S`` certifies them with Cohen's CERTIFY.
+prints; an entry made with ``fast`` (``--fast``: the method's tiny ``fast_params``) has ``"smoke_test": true``
+and is marked as a smoke test in the report; ``certkit certify RUN --model purified-<method> --sigma S``
+certifies them with Cohen's CERTIFY.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -28,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 import purifiers
@@ -155,8 +159,15 @@ def purify_run(run: RunDirectory, cfg: PurifyConfig, *, device: str = "auto", pr
     log(f"[purify] {cfg.method}: {len(fit)} clean training images"
         + (f" + {len(validation)} validation" if validation is not None else "")
         + f" ({fraction:.0%} of the training set, none poisoned)")
+    if cfg.fast:
+        log(f"[purify] {cfg.method}: --fast smoke-test budgets {purifiers.fast_params(cfg.method)}: not a "
+            "faithful setting; the results are labelled smoke_test")
     t0 = time.perf_counter()
-    purified = purifier.purify(model, fit, validation=validation, seed=cfg.seed)
+    train_data = {"train_data": exp.poisoned.dataset} if tags.needs_training_set else {}
+    if train_data:
+        log(f"[purify] {cfg.method} works on the poisoned training set ({len(exp.poisoned.dataset)} images); the "
+            "clean slice above is only used for the noise fine-tune")
+    purified = purifier.purify(model, fit, validation=validation, seed=cfg.seed, **train_data)
     runtime = time.perf_counter() - t0
     report = purifiers.evaluate(model, purified, exp.splits.test, exp.triggered, device=device, runtime_s=runtime)
     spec = purified_spec(purified, run.model_spec("undefended"))
@@ -174,9 +185,19 @@ def purify_run(run: RunDirectory, cfg: PurifyConfig, *, device: str = "auto", pr
                   "n_validation": 0 if validation is None else len(validation),
                   "train_indices": idx.tolist(), "sha256": clean.sha256()},
         "report": report.to_dict(), "noise_finetune": None,
-        "budget": getattr(purifier, "budget_", None),
+        "budget": getattr(purifier, "budget_", None), "smoke_test": cfg.fast,
     }
-    entries = {cfg.model_name: {"method": cfg.method, "noise_sigma": None, **report.to_dict()}}
+    split = getattr(purifier, "split_", None)
+    if split is not None:  # FCT: per-sample scores, thresholds, flags; precision / recall as a diagnostic
+        buf = io.BytesIO()
+        np.savez(buf, **split.arrays())
+        run.write_bytes(f"purify/{cfg.method}_split.npz", buf.getvalue())
+        record["split"] = {**split.record(exp.poisoned.poison_indices), "file": f"purify/{cfg.method}_split.npz"}
+        log(f"[purify] {cfg.method} split: {split!r}; D_p precision {record['split']['poisoned_precision']:.2f}, "
+            f"recall {record['split']['poisoned_recall']:.2f}; D_c precision "
+            f"{record['split']['clean_precision']:.2f} (against the true poison indices; diagnostic only)")
+    entries = {cfg.model_name: {"method": cfg.method, "noise_sigma": None, **report.to_dict(),
+                                "smoke_test": cfg.fast}}
     noise_name = cfg.model_name + NOISE_SUFFIX
     if cfg.noise_finetune_epochs:
 
@@ -191,7 +212,8 @@ def purify_run(run: RunDirectory, cfg: PurifyConfig, *, device: str = "auto", pr
         record["noise_finetune"] = {"model": noise_name, "sigma": cfg.noise_sigma,
                                     "epochs": cfg.noise_finetune_epochs, "lr": cfg.noise_lr, "seed": cfg.seed,
                                     "report": nrep.to_dict(), "asr_change": nrep.asr_after - report.asr_after}
-        entries[noise_name] = {"method": cfg.method, "noise_sigma": cfg.noise_sigma, **nrep.to_dict()}
+        entries[noise_name] = {"method": cfg.method, "noise_sigma": cfg.noise_sigma, **nrep.to_dict(),
+                               "smoke_test": cfg.fast}
         log(f"[purify] {noise_name}: CA {nrep.ca_after:.3f}  ASR {nrep.asr_after:.3f}  RA {nrep.ra_after:.3f}  "
             f"(ASR {'+' if nrep.asr_after >= report.asr_after else ''}{nrep.asr_after - report.asr_after:.3f} "
             f"vs the purified model; {t_noise:.1f} s)")

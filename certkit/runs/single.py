@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -24,7 +25,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from certkit._validation import check_alpha, check_choice, check_float, check_positive_int, check_seed
+from certkit._validation import (
+    check_alpha,
+    check_choice,
+    check_float,
+    check_indices,
+    check_positive_int,
+    check_seed,
+)
 from certkit.backdoor.metrics import empirical_metrics
 from certkit.backdoor.models import MODELS, build_model
 from certkit.backdoor.prepare import DATA_FIELDS, PreparedData, check_data_fields, prepare_data
@@ -42,6 +50,9 @@ from certkit.certify.smoothing import RandomizedSmoothing
 from certkit.certify.storage import StorageCertifier
 from certkit.devices import resolve_device
 from certkit.errors import InputError, RecordError
+from certkit.io import read_indices, sha256_bytes
+from certkit.progress import batches as progress_batches
+from certkit.runs.budget import announce, seconds_per_input
 from certkit.runs.defaults import CERTIFY, TRAIN
 from certkit.runs.models import (
     ablated_model_name,
@@ -132,6 +143,7 @@ def train_run(run: RunDirectory, *, device: str = "auto", progress: bool = True,
         run.record_data_hash(key, sha)
     run.record_seed("train", cfg.seed)
     results: dict[str, dict[str, Any]] = {}
+    _announce_training(run, cfg, exp, device, log)
     for sigma in cfg.noise_sigmas:
         name = model_name_for(sigma)
         if run.has_model(name):
@@ -175,6 +187,9 @@ class CertifyConfig:
     seed: int = CERTIFY["seed"]
     batch_size: int = CERTIFY["batch_size"]
     max_points: int | None = None
+    #: certify only these test-set indices (a sequence, or a .npy / text file read by certkit.io.read_indices);
+    #: stored sorted; not with max_points; their range is checked against the test set in certify_run
+    ids: tuple[int, ...] | None = None
     radii: tuple[float, ...] = DEFAULT_RADII
     dataset: str | None = None  # certify on another dataset than the run's (same shape and classes)
     data_root: str | None = None
@@ -190,6 +205,12 @@ class CertifyConfig:
         self.batch_size = check_positive_int(self.batch_size, "batch_size")
         if self.max_points is not None:
             self.max_points = check_positive_int(self.max_points, "max_points")
+        if self.ids is not None:
+            if self.max_points is not None:
+                raise InputError("ids and max_points cannot be combined: give the test points to certify, or how "
+                                 "many to draw")
+            ids = read_indices(self.ids) if isinstance(self.ids, (str, os.PathLike)) else self.ids
+            self.ids = tuple(int(i) for i in check_indices(ids, "ids"))
         self.sigma_modes = tuple(self.sigma_modes)
         if not self.sigma_modes:
             raise InputError("sigma_modes must name at least one of " + ", ".join(SIGMA_MODES))
@@ -210,6 +231,13 @@ def _check_compatible(spec: dict[str, Any], splits: Any, model_name: str) -> Non
     if want != have:
         raise InputError(f"model {model_name!r} expects {want[0]} classes and inputs {want[1]}, but dataset "
                          f"{splits.name!r} has {have[0]} classes and inputs {have[1]}")
+
+
+def _ids_setting(ids: tuple[int, ...] | None) -> dict[str, Any]:
+    """The recorded setting of ``CertifyConfig.ids`` (absent without ids, so earlier certificates are reused)."""
+    if ids is None:
+        return {}
+    return {"ids_sha256": sha256_bytes(np.asarray(ids, dtype=np.int64).tobytes()), "n_ids": len(ids)}
 
 
 def _cert_file(model: str, sigma: float, which: str) -> str:
@@ -263,9 +291,15 @@ def certify_run(run: RunDirectory, cfg: CertifyConfig, *, device: str = "auto", 
         rng = np.random.default_rng(cfg.seed)
         keep = np.sort(rng.permutation(len(test))[: cfg.max_points])
         keep_trig = np.flatnonzero(np.isin(np.asarray(trig.indices), keep))
+    elif cfg.ids is not None:  # the given test points, in test order
+        keep = check_indices(cfg.ids, "ids", n=len(test))
+        keep_trig = np.flatnonzero(np.isin(np.asarray(trig.indices), keep))
     else:
         keep, keep_trig = np.arange(len(test)), np.arange(len(trig.x))
     trig_ids = np.asarray(trig.indices)[keep_trig] + len(test)  # a triggered query's own id (noise, sigma)
+    for model_name, _ in cfg.pairs:  # every model fits the data before any work
+        _check_compatible(run.model_spec(model_name), exp.splits, model_name)
+    _announce_certify(run, cfg, exp.splits.input_shape, len(keep) + len(keep_trig), device, log)
     rows: list[dict[str, Any]] = []
     frames: list[pd.DataFrame] = []
     for model_name, sigma in cfg.pairs:
@@ -273,7 +307,8 @@ def certify_run(run: RunDirectory, cfg: CertifyConfig, *, device: str = "auto", 
         _check_compatible(run.model_spec(model_name), exp.splits, model_name)
         base = {"model": model_name, "model_sha256": run.manifest["models"][model_name]["sha256"],
                 "sigma": sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "seed": cfg.seed,
-                "max_points": cfg.max_points, "dataset": train_cfg.dataset, "test_sha256": test.sha256()}
+                "max_points": cfg.max_points, "dataset": train_cfg.dataset, "test_sha256": test.sha256(),
+                **_ids_setting(cfg.ids)}
         for mode in cfg.sigma_modes:
             t0 = time.perf_counter()
             tag = "" if mode == "fixed" else "__ssb"
@@ -335,11 +370,46 @@ def certify_run(run: RunDirectory, cfg: CertifyConfig, *, device: str = "auto", 
         run.write_frame("points.csv", new)
     summary["certify_settings"] = {"n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "seed": cfg.seed,
                                    "max_points": cfg.max_points, "radii": list(cfg.radii),
-                                   "sigma_modes": list(cfg.sigma_modes)}
+                                   "sigma_modes": list(cfg.sigma_modes),
+                                   **({} if cfg.ids is None else {"ids": list(cfg.ids)})}
     run.write_json("summary.json", summary)
     if summary["certified"]:
         plot_certified_rows(run, summary["certified"], run.read_frame("points.csv"))
     return rows
+
+
+def _announce_training(run: RunDirectory, cfg: TrainConfig, exp: PreparedData, device: str, log: Any) -> None:
+    """The budget line of :func:`train_run`: epochs x batches per model still to train, timed on one training
+    step (forward and backward) of a fresh model (nothing is logged when every model is saved)."""
+    names = [model_name_for(s) for s in cfg.noise_sigmas]
+    if cfg.ablation is not None:
+        names.append(ablated_model_name(cfg.ablation, cfg.band))
+    todo = [name for name in names if not run.has_model(name)]
+    if not todo:
+        return
+    steps = progress_batches(len(exp.poisoned.dataset), cfg.batch_size)
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg.model, num_classes=exp.splits.num_classes, input_shape=exp.splits.input_shape,
+                            mean=exp.splits.mean, std=exp.splits.std)
+    per = seconds_per_input(model, exp.splits.input_shape, batch=cfg.batch_size, device=device, backward=True)
+    announce(log, "train", len(todo) * cfg.epochs * steps, "training steps",
+             detail=f"{len(todo)} model(s) x {cfg.epochs} epochs x {steps} batches of {cfg.batch_size}",
+             seconds_per_unit=None if per is None else per * cfg.batch_size, device=resolve_device(device))
+
+
+def _announce_certify(run: RunDirectory, cfg: CertifyConfig, input_shape: Any, points: int, device: str,
+                      log: Any) -> None:
+    """The budget line of :func:`certify_run`: (n0 + n) forward passes per point, timed on one batch of noisy
+    draws through the first model."""
+    model = run.load_model(cfg.pairs[0][0], builder=build_model_from_spec, device="cpu")
+    per = seconds_per_input(model, input_shape, batch=min(cfg.batch_size, cfg.n0 + cfg.n), device=device)
+    modes = len(cfg.sigma_modes)
+    ssb = "sample-specific" in cfg.sigma_modes
+    announce(log, "certify", len(cfg.pairs) * modes * points * (cfg.n0 + cfg.n), "forward passes",
+             detail=f"{len(cfg.pairs)} (model, sigma) x {modes} sigma mode(s) x {points} points (clean + "
+             f"triggered) x (n0 {cfg.n0} + n {cfg.n}) draws", seconds_per_unit=per, device=resolve_device(device),
+             note="certificates saved with the same settings are reused"
+             + (f"; the sample-specific sigmas add {cfg.sigma_steps} ascent steps per point" if ssb else ""))
 
 
 def _train_ablated(run: RunDirectory, cfg: TrainConfig, exp: PreparedData, *, device: str, progress: bool,
@@ -413,7 +483,8 @@ def _summary_row(model_name: str, sigma: float, mode: str, clean: CertificationR
         "triggered_abstain_rate": float(np.mean(deployed < 0)) if len(triggered) else float("nan"),
         "sigma_mean": float(np.mean(clean.sigma)) if len(clean) else float("nan"),
         "storage": storage,
-        "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
+        "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha, "seed": cfg.seed, "batch_size": cfg.batch_size,
+        "max_points": cfg.max_points, **({} if cfg.ids is None else {"n_ids": len(cfg.ids)}),
     }
 
 
@@ -426,6 +497,7 @@ def _sample_specific_sigmas(run: RunDirectory, model: Any, model_name: str, sigm
     meta_rel = rel.replace(".npz", ".json")
     want = json.loads(json.dumps({**{k: settings[k] for k in ("model_sha256", "sigma", "seed", "max_points",
                                                               "test_sha256", "sigma_steps", "sigma_lr")},
+                                  **{k: settings[k] for k in ("ids_sha256",) if k in settings},
                                   "set": which, "ids": "own"}))
     try:
         if run.read_json(meta_rel) == want:

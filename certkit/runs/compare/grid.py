@@ -30,6 +30,9 @@ Cells (the ``defenses`` of the spec):
   ``sqrt(sum_j ||Delta_j||^2 + ||t||^2)`` (:mod:`certkit.runs.ensemble_certify`);
 * ``cert-ssb``: the same with sample-specific training and test scales (Cert-SSB; certificates hold
   conditional on the data-chosen scales, radius in test-sigma units, CTR by the weighted condition);
+* ``fct-st``: FCT's D-ST, a model trained from the poisoned data (:mod:`certkit.runs.compare.fct_cells`),
+  then measured and smoothed like a purified model; ``fct-br`` purifier rows (and this one) carry the SD
+  split's sizes and precision / recall against the true poison indices (``split``);
 * ``ds-column``, ``ds-block``, ``dpa``, ``dpa-roe``, ``dpa-joint`` and the PatchCleanser columns of the
   model cells: patch and poisoning-count certificates (:mod:`certkit.runs.compare.certificate_cells`), each
   CTR in its own unit (``patch_ctr``: at the trigger's patch side; ``ctr_samples``: at the attack's number of
@@ -77,6 +80,7 @@ from certkit.runs.compare.certificate_cells import (
     aggregation_cell,
     patchcleanser_columns,
 )
+from certkit.runs.compare.fct_cells import TRAINING_CELLS, fct_st_model
 from certkit.runs.compare.plots import write_plots
 from certkit.runs.compare.spec import (
     ASR_BOUND_DELTA,
@@ -240,6 +244,11 @@ def _purifier_cell(spec: CompareSpec, cell: Mapping[str, Any], run: RunDirectory
                            "ca_before": before.clean_accuracy, "asr_before": before.attack_success_rate}
     if name == "undefended":
         purified, after, row["budget"] = model, before, {}
+    elif name in TRAINING_CELLS:  # fct-st: a model trained from the poisoned data, measured like a purified one
+        purified, row["budget"], extra = fct_st_model(spec, cell, run, data, device,
+                                                      sd_params=purifier_budget(spec, "fct-br"))
+        row.update(kind="training", **extra)
+        after = empirical_metrics(purified, data.splits.test.x, data.splits.test.y, data.triggered, device=device)
     else:
         if name not in purifiers.available():
             return {**row, "status": "skipped", "reason": NOT_AVAILABLE}
@@ -247,8 +256,11 @@ def _purifier_cell(spec: CompareSpec, cell: Mapping[str, Any], run: RunDirectory
         row["budget"] = params
         method = purifiers.make(name, **params, device=device, progress=False)
         t0 = time.perf_counter()
-        purified = method.purify(model, data.clean, seed=spec.seed)
+        train = {"train_data": data.poisoned.dataset} if type(method).tags.needs_training_set else {}
+        purified = method.purify(model, data.clean, seed=spec.seed, **train)
         row["purify_s"] = time.perf_counter() - t0
+        if getattr(method, "split_", None) is not None:  # FCT: split sizes and precision / recall (diagnostic)
+            row["split"] = method.split_.record(data.poisoned.poison_indices)
         after = empirical_metrics(purified, data.splits.test.x, data.splits.test.y, data.triggered, device=device)
     row.update(ca=after.clean_accuracy, asr=after.attack_success_rate, ra=after.robust_accuracy,
                der=defense_effectiveness_rating(before.clean_accuracy, before.attack_success_rate,
