@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from certkit.backdoor.data import ArrayDataset
 from certkit.errors import InputError
 from purifiers._common import check_inputs, check_num_classes, check_seed, split_validation
 
@@ -35,8 +36,6 @@ class SmallBudgetWarning(RuntimeWarning):
 def _check_training_set(name: str, model: nn.Module, train_data: Any) -> Any:
     """``train_data`` for a method tagged ``needs_training_set``: a non-empty ArrayDataset with the model's
     number of classes (one-line :class:`InputError` otherwise)."""
-    from certkit.backdoor.data import ArrayDataset
-
     if train_data is None:
         raise InputError(f"{name} works on the poisoned training set, but none was given: pass train_data= "
                          "(certkit purify and the compare grid pass it); the input model is unchanged")
@@ -171,6 +170,7 @@ class Purifier(ABC):
 
     def _check_training_data(self, train_data: Any) -> None:
         """Method-specific checks of the training set (``needs_training_set``), before any work or warning."""
+        return None
 
     def _check_budget(self, n: int) -> dict[str, Any] | None:
         """Steps per epoch of ``batch_size`` mini-batches over ``n`` clean samples, recorded as ``budget_``

@@ -416,8 +416,8 @@ class Mesa(Purifier):
                     opt.step()
 
     # ------------------------------------------------------------------------------------------ the method
-    def purify(self, model: nn.Module, clean_data: Any, *, validation: Any = None, seed: int | None = None
-               ) -> nn.Module:
+    def purify(self, model: nn.Module, clean_data: Any = None, *, validation: Any = None, seed: int | None = None,
+               train_data: Any = None) -> nn.Module:
         """As :meth:`Purifier.purify`; first (before any warning or work) the target class or ``detect`` and
         a trigger that fits the images are required."""
         check_inputs(model, clean_data)
@@ -431,7 +431,7 @@ class Mesa(Purifier):
         if p["target"] is not None and p["target"] >= clean_data.num_classes:
             raise InputError(f"target {p['target']} is not a class of the data "
                              f"(num_classes={clean_data.num_classes})")
-        return super().purify(model, clean_data, validation=validation, seed=seed)
+        return super().purify(model, clean_data, validation=validation, seed=seed, train_data=train_data)
 
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:
         p = self._validate()

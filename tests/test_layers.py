@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: lowest first; a module may import from its own layer or a lower one
 LAYERS = (
     ("base", ("certkit.errors", "certkit._validation", "certkit.io", "certkit.seeding", "certkit.devices",
-              "certkit.parallel", "certkit.version")),
+              "certkit.parallel", "certkit.version", "certkit.progress")),
     ("certify", ("certkit.certify",)),
     ("backdoor", ("certkit.backdoor",)),
     ("purifiers", ("purifiers",)),

@@ -337,6 +337,14 @@ def certify_votes(
             "selection_correction": bool(selection_correction), "num_classes": votes.num_classes, "name": name}
     if per_point:
         meta["radius_units"] = "per-point test sigma: radius = sigma_i * gap / 2"
+    elif votes.members:  # the largest radius these settings give any point: every member votes one class
+        soft = np.zeros((1, votes.num_classes))
+        soft[0, 0] = votes.members
+        unanimous = EnsembleVotes(predictions=np.zeros((votes.members, 1), dtype=np.int64), soft_sum=soft,
+                                  num_classes=votes.num_classes, meta={"sigma": float(np.asarray(sig).reshape(-1)[0])})
+        _, cap_low, cap_b, _ = _bounded(unanimous, alpha, bound, selection_correction)
+        cap_sigma = float(np.asarray(sig).reshape(-1)[0])
+        meta["radius_cap"] = float(np.asarray(gaussian_radius(cap_low, cap_sigma, cap_b)).reshape(-1)[0])
     return CertificationResult(
         label=labels, prediction=prediction, radius=radius, p_lower=p_a_low, sigma=sig,
         triggered=np.full(n, bool(triggered)), index=None if ids is None else np.asarray(ids),

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from certkit._validation import check_choice, check_positive_int
+from certkit.certify.radius import cohen_certify_counts
 from certkit.errors import InputError
 from certkit.io import atomic_write_bytes
 
@@ -212,23 +213,12 @@ def radius_cap_label(result: Any) -> tuple[float, str] | None:
     method = str(meta.get("method") or "")
     try:
         if method == "cohen-certify" and meta.get("n") and meta.get("alpha"):
-            from certkit.certify.radius import cohen_certify_counts
-
             n, alpha = int(meta["n"]), float(meta["alpha"])
             cap = float(cohen_certify_counts(n, n, alpha, sigma)[1])
             return cap, f"σ={sigma:g}, n={n}"
-        if method.startswith("ensemble-") and meta.get("members") and meta.get("num_classes"):
-            from certkit.certify.ensemble import EnsembleVotes, certify_votes
-
-            m, c = int(meta["members"]), int(meta["num_classes"])
-            soft = np.zeros((1, c))
-            soft[0, 0] = m
-            votes = EnsembleVotes(predictions=np.zeros((m, 1), dtype=np.int64), soft_sum=soft, num_classes=c,
-                                  meta={"sigma": sigma})
-            cert = certify_votes(votes, alpha=float(meta.get("alpha", 0.001)),
-                                 bound=str(meta.get("bound", "clopper-pearson")),
-                                 selection_correction=bool(meta.get("selection_correction", True)))
-            return float(cert.radius[0]), f"σ={sigma:g}, {m} members"
+        if method.startswith("ensemble-") and meta.get("radius_cap") is not None and meta.get("members"):
+            # computed by certify_votes with the same bound, alpha and selection correction
+            return float(meta["radius_cap"]), f"σ={sigma:g}, {int(meta['members'])} members"
     except (InputError, ValueError, TypeError):
         return None
     return None

@@ -253,7 +253,7 @@ def certify_ensemble_run(run: RunDirectory, cfg: EnsembleCertifyConfig, *, devic
         "ensemble_asr": float(np.mean(majority_trig == target)) if len(triggered) else float("nan"),
         "certified_accuracy": {f"{r:g}": float(a) for r, a in
                                zip(cfg.radii, np.atleast_1d(clean.certified_accuracy(list(cfg.radii))))},
-        "acr": clean.acr(), "abstain_rate": clean.abstain_rate(),
+        "acr": clean.acr(), "abstain_rate": clean.abstain_rate(), "radius_cap": clean.meta.get("radius_cap"),
         "certified_trigger_robustness": ctr_joint,
         "asr_bound": _asr_bound(ctr_joint, triggered, target, cfg.alpha),
         "joint_trigger_norm_median": float(np.median(joint)) if len(joint) else None,

@@ -21,6 +21,7 @@ import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,9 @@ from certkit.certify.plots import (
     settings_caption,
     style,
 )
+from certkit.certify.radius import cohen_certify_counts
 from certkit.runs.compare.table import load_cells
+from certkit.runs.rundir import RunDirectory
 
 #: the kinds of cell whose radius is not the plain l2 radius of the input, and its unit
 ENSEMBLE_KINDS = {"rab": "joint l2", "cert-ssb": "test-sigma units"}
@@ -247,10 +250,6 @@ def plot_certified_curves(rows: Sequence[Mapping[str, Any]], ax: Any = None, *, 
 
 def _ensemble_cap(run: Any, row: Mapping[str, Any], colour: Any) -> tuple[float, str, Any] | None:
     """The radius cap of a RAB cell, from its ensemble run's summary (None when unknown)."""
-    from types import SimpleNamespace
-
-    from certkit.runs.rundir import RunDirectory
-
     try:
         summary = RunDirectory.open(Path(run.path) / "ensembles" / row["cell_id"]).read_summary()
     except Exception:  # noqa: BLE001 - a missing or unreadable sub-run only loses its cap line
@@ -261,7 +260,7 @@ def _ensemble_cap(run: Any, row: Mapping[str, Any], colour: Any) -> tuple[float,
     stub = SimpleNamespace(sigma=np.array([float(ens["sigma"])]), meta={
         "method": f"ensemble-{ens.get('bound', 'clopper-pearson')}", "members": ens.get("members"),
         "num_classes": data["num_classes"], "alpha": ens.get("alpha", 0.001), "bound": ens.get("bound"),
-        "selection_correction": ens.get("selection_correction", True)})
+        "selection_correction": ens.get("selection_correction", True), "radius_cap": ens.get("radius_cap")})
     cap = radius_cap_label(stub)
     return None if cap is None else (cap[0], f"{row['defense']}: {cap[1]}", colour)
 
@@ -279,8 +278,6 @@ def write_plots(run: Any, table: pd.DataFrame) -> list[Path]:
     """Write ``plots/asr_vs_ctr.png`` and one ``plots/certified_accuracy_<attack>.png`` per attack x rate
     (:func:`plot_key`) into the comparison directory ``run`` (files recorded in its manifest; suffix and
     resolution from :func:`~certkit.certify.plots.plot_options`); returns their paths."""
-    from certkit.certify.radius import cohen_certify_counts
-
     written: list[Path] = []
     if not len(table):
         return written

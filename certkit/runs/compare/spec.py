@@ -354,11 +354,12 @@ PRESET_PURIFIER_PARAMS: dict[str, dict[str, Any]] = {
     "ft-sam": {"epochs": 10, "batch_size": 32},
     # MESA: the target comes from the grid (needs_target). Stamp ratio 0.2, not the official 0.01: on digits 1%
     # is too small a dose (reference notes fact 17; measured on digits-cnn BadNets: ASR 0.98 -> 0.82 at 0.01,
-    # -> 0.16 at 0.2). Trigger pasted at a random *corner*, not anywhere (official): certkit's BadNets patch sits
-    # in a corner, which a uniform position hits in 1/36 of the batches on 8x8 images (measured, 0.2: ASR -> 0.35
-    # anywhere vs 0.16 at corners; digits-bn-cnn 0.48 vs 0.08). Generator Adam lr 1e-3 (official 2e-4) for 20
+    # -> 0.16 at 0.2). Trigger pasted anywhere (official, location="random"): no method of the grid is told where
+    # the trigger is. location="corners" (certkit's extension) would tell MESA that certkit's BadNets patch sits in
+    # a corner and measured better (0.2: ASR -> 0.16 at corners vs 0.35 anywhere; digits-bn-cnn 0.08 vs 0.48), but
+    # that is trigger knowledge the other defenses do not get. Generator Adam lr 1e-3 (official 2e-4) for 20
     # epochs: with ~7 batches per epoch 2e-4 barely trains it (bn-cnn: ASR -> 0.41).
-    "mesa": {"trigger_size": 3, "location": "corners", "stamp_ratio": 0.2, "epochs": 20, "lr": 1e-3, "hidden": 128,
+    "mesa": {"trigger_size": 3, "location": "random", "stamp_ratio": 0.2, "epochs": 20, "lr": 1e-3, "hidden": 128,
              "batch_size": 32, "repair_epochs": 10},
     # FCT (D-BR): the official 2 SD epochs at lr 0.01 leave the digits model constant (D_p precision 0.03-0.35,
     # ASR unchanged); 10 epochs at lr 0.03 in batches of 32 and 8 tau draws give D_p precision 0.92-1.00. The
