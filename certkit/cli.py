@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="patch sides to certify (patch: default 1 .. the image side; patchcleanser: one side)")
     cert.add_argument("--masks", type=_integer, default=None,
                       help="patchcleanser: masks per axis k (default: min(6, image side - patch size + 1))")
+    cert.add_argument("--cutout-finetune", type=_integer, default=None, metavar="EPOCHS",
+                      help="patchcleanser: first fine-tune each model EPOCHS epochs with Cutout masks on the "
+                      "defender's clean data (PatchCleanser's recipe), saved as MODEL-cutoutEPOCHS and certified")
     cert.add_argument("--theta", type=_number, default=None,
                       help="patch: a pass votes for every class whose softmax >= theta (default: 0.2)")
     cert.add_argument("--rule", choices=["threshold", "argmax"], default=None,
@@ -493,7 +496,7 @@ def _certify(args: argparse.Namespace, progress: bool) -> int:
 
         cfg = PatchCertifyConfig(certificate=args.certificate, models=args.model, **_given(
             args, patch_sizes="patch_size", masks="masks", theta="theta", rule="rule", max_points="max_points",
-            seed="seed"))
+            seed="seed", cutout_finetune="cutout_finetune"))
         run = certify_patches(args.run_dir, cfg, device=args.device, progress=progress, log=_log(args))
         print()
         print(report(run.path, replot=False))

@@ -22,6 +22,7 @@ STREAM_SIGMA_TRAIN = 31  # sample-specific ensemble: seed of the SGA of the trai
 STREAM_SIGMA_TEST = 32  # sample-specific ensemble: seed of the SGA of the test scales
 STREAM_ABLATION = 40  # de-randomized smoothing training: the band / block position of each batch
 STREAM_LAYOUT = 41  # aggregation ensembles: Finite Aggregation shifts and bootstrap draws
+STREAM_CUTOUT = 42  # PatchCleanser's Cutout fine-tune: the mask positions of each batch
 
 
 def _splitmix64(z: int) -> int:

@@ -97,3 +97,33 @@ def test_bad_patch_certify_requests_are_one_line_and_change_nothing(patch_run, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("certkit: error:") and message in err[0], err
     assert (patch_run / "summary.json").read_bytes() == before
+
+
+def test_patchcleanser_with_a_cutout_finetune_certifies_a_recorded_copy(patch_run, capsys):
+    assert main(["certify", str(patch_run), "--certificate", "patchcleanser", "--patch-size", "2", "--masks", "3",
+                 "--cutout-finetune", "1", "--max-points", "12", *QUIET]) == 0
+    run = RunDirectory.open(patch_run)
+    assert "undefended-cutout1" in run.models()
+    step = run.manifest["steps"]["cutout/undefended-cutout1"]
+    assert step["base"] == "undefended" and step["mask_side"] == 4 and step["epochs"] == 1   # k = 3 masks: side 4
+    assert step["clean_samples"] == round(0.2 * 1257)
+    models = {r["model"] for r in _summary(patch_run)["patch"] if r["certificate"] == "patchcleanser"}
+    assert "undefended-cutout1" in models
+    # the fine-tuned copy differs from the model it started from, and the original is untouched
+    import torch
+    a, b = run.load_state_dict("undefended"), run.load_state_dict("undefended-cutout1")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main(["certify", str(patch_run), "--certificate", "patch", "--cutout-finetune", "1", *QUIET]) == 2
+    assert "applies to --certificate patchcleanser only" in capsys.readouterr().err
+
+
+def test_cutout_hides_between_one_and_two_squares_per_image():
+    import torch
+
+    from certkit.certify.patch import CutoutTransform
+
+    t = CutoutTransform(side=3, seed=5, masks=2)
+    hidden = (t(torch.ones(64, 1, 8, 8), 0) == 0).sum(dim=(1, 2, 3))
+    assert int(hidden.min()) >= 9 and int(hidden.max()) <= 18 and (hidden > 9).any()
+    assert not torch.equal(t(torch.ones(4, 1, 8, 8), 0), t(torch.ones(4, 1, 8, 8), 1))

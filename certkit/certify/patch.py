@@ -79,12 +79,13 @@ from certkit._validation import (
 )
 from certkit.devices import module_device, resolve_device
 from certkit.errors import InputError
-from certkit.seeding import STREAM_ABLATION, derive_seed
+from certkit.seeding import STREAM_ABLATION, STREAM_CUTOUT, derive_seed
 
 __all__ = [
     "KINDS",
     "RULES",
     "STREAM_ABLATION",
+    "CutoutTransform",
     "THREAT_MODEL",
     "AblatedModel",
     "AblationTransform",
@@ -364,6 +365,42 @@ def ablation_train_transform(kind: str, band: int, seed: int) -> AblationTransfo
     (True, torch.Size([3, 2, 6, 6]))
     """
     return AblationTransform(kind, band, seed)
+
+
+class CutoutTransform:
+    """``(x, step) -> x`` with ``masks`` squares of side ``side`` per image, at positions drawn from a generator
+    seeded with ``derive_seed(seed, STREAM_CUTOUT, step)``, set to ``fill``: Cutout (DeVries & Taylor 2017), the
+    augmentation PatchCleanser fine-tunes its models with (Xiang et al., USENIX Security 2022) so that they
+    classify masked images. Picklable; the same ``(seed, step)`` gives the same masks.
+
+    >>> t = CutoutTransform(side=3, seed=0, masks=2)
+    >>> x = torch.ones(4, 1, 8, 8)
+    >>> torch.equal(t(x, 7), t(x, 7)), bool((t(x, 7) == 0).any()), int((t(x, 7)[0] == 0).sum()) <= 18
+    (True, True, True)
+    """
+
+    def __init__(self, side: int, seed: int, masks: int = 2, fill: float = 0.0) -> None:
+        self.side = check_positive_int(side, "side")
+        self.seed = check_seed(seed, limit=2**63)
+        self.masks = check_positive_int(masks, "masks")
+        self.fill = check_float(fill, "fill", minimum=-math.inf)
+
+    def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        step = check_positive_int(step, "step", minimum=0)
+        n, _, h, w = (int(s) for s in x.shape)
+        side_h, side_w = min(self.side, h), min(self.side, w)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, STREAM_CUTOUT, step))
+        rows = torch.randint(0, h - side_h + 1, (n, self.masks), generator=g).to(x.device)
+        cols = torch.randint(0, w - side_w + 1, (n, self.masks), generator=g).to(x.device)
+        ar_h = torch.arange(h, device=x.device)
+        ar_w = torch.arange(w, device=x.device)
+        in_r = (ar_h >= rows[..., None]) & (ar_h < rows[..., None] + side_h)           # [n, masks, h]
+        in_c = (ar_w >= cols[..., None]) & (ar_w < cols[..., None] + side_w)           # [n, masks, w]
+        hidden = (in_r[..., :, None] & in_c[..., None, :]).any(dim=1)                  # [n, h, w]
+        return torch.where(hidden[:, None], torch.as_tensor(self.fill, dtype=x.dtype, device=x.device), x)
+
+    def __repr__(self) -> str:
+        return f"CutoutTransform(side={self.side}, seed={self.seed}, masks={self.masks}, fill={self.fill})"
 
 
 # ---------------------------------------------------------------------------------------------- votes

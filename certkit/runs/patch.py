@@ -27,13 +27,16 @@ import torch
 
 from certkit._validation import check_choice, check_float, check_positive_int, check_seed
 from certkit.backdoor.prepare import PreparedData, prepare_data
+from certkit.backdoor.training import train_model
 from certkit.certify.patch import (
     RULES,
     THREAT_MODEL,
+    CutoutTransform,
     PatchCertificate,
     derandomized_certify,
     patch_trigger_robustness,
     patchcleanser_certify,
+    patchcleanser_masks,
 )
 from certkit.certify.plots import _pyplot, add_caption, save_figure, settings_caption, style
 from certkit.errors import InputError
@@ -58,6 +61,11 @@ class PatchCertifyConfig:
             PatchCleanser, whose certificate is per patch size).
         theta, rule: de-randomized smoothing's vote rule (softmax >= theta, or argmax).
         masks: PatchCleanser's masks per axis ``k`` (default: ``min(6, L - p + 1)``).
+        cutout_finetune: PatchCleanser only: fine-tune each model this many epochs with Cutout (two masks of
+            PatchCleanser's mask side per image; Xiang et al.'s recipe) on the defender's clean data (20% of
+            the clean training set, the draw ``certkit purify`` uses), save it as ``<model>-cutout<E>`` and
+            certify that copy (``None``: certify the model as it is).
+        cutout_lr: Adam learning rate of the Cutout fine-tune.
         max_points, seed: a fixed-seed subsample of the test set (the same for every certificate).
         batch_size: rows per forward pass.
     """
@@ -68,6 +76,8 @@ class PatchCertifyConfig:
     theta: float = 0.2
     rule: str = "threshold"
     masks: int | None = None
+    cutout_finetune: int | None = None
+    cutout_lr: float = 5e-4
     max_points: int | None = None
     seed: int = 0
     batch_size: int = 512
@@ -85,6 +95,11 @@ class PatchCertifyConfig:
         check_choice(self.rule, RULES, "rule")
         if self.masks is not None:
             self.masks = check_positive_int(self.masks, "masks", minimum=2)
+        if self.cutout_finetune is not None:
+            if self.certificate != "patchcleanser":
+                raise InputError("the Cutout fine-tune applies to --certificate patchcleanser only")
+            self.cutout_finetune = check_positive_int(self.cutout_finetune, "cutout_finetune")
+        self.cutout_lr = check_float(self.cutout_lr, "cutout_lr", strict=True)
         if self.max_points is not None:
             self.max_points = check_positive_int(self.max_points, "max_points")
         self.seed = check_seed(self.seed)
@@ -146,6 +161,36 @@ def _row(name: str, cfg: PatchCertifyConfig, spec: dict[str, Any], clean: PatchC
     }
 
 
+#: share of the clean training set the Cutout fine-tune uses (the defender's clean data of ``certkit purify``)
+CUTOUT_CLEAN_FRACTION = 0.2
+
+
+def _cutout_copy(run: RunDirectory, name: str, cfg: PatchCertifyConfig, data: PreparedData, train_cfg: TrainConfig,
+                 device: str, log: Any) -> str:
+    """``<name>-cutout<E>``: ``name`` fine-tuned ``cfg.cutout_finetune`` epochs with Cutout at PatchCleanser's
+    mask side (trained and saved on the first call, reused afterwards)."""
+    out = f"{name}-cutout{cfg.cutout_finetune}"
+    if run.has_model(out):
+        return out
+    h, w = data.input_shape[1:]
+    (p,) = cfg.patch_sizes
+    k = cfg.masks if cfg.masks is not None else min(6, min(h, w) - p + 1)
+    side = int(patchcleanser_masks((h, w), p, k)[0].sum(dim=1).max())  # the mask side along rows
+    model = run.load_model(name, builder=build_model_from_spec, device="cpu")
+    clean = data.defender_clean(CUTOUT_CLEAN_FRACTION)
+    t0 = time.perf_counter()
+    train_model(model, clean, epochs=cfg.cutout_finetune, lr=cfg.cutout_lr, batch_size=train_cfg.batch_size,
+                seed=cfg.seed, device=device, progress=False, desc=f"cutout {name}",
+                input_transform=CutoutTransform(side, cfg.seed, masks=2))
+    seconds = time.perf_counter() - t0
+    run.save_model(out, model.cpu(), run.model_spec(name), step=f"cutout/{out}", seconds=seconds, base=name,
+                   epochs=cfg.cutout_finetune, lr=cfg.cutout_lr, mask_side=side, masks_per_image=2,
+                   clean_samples=len(clean), clean_sha256=clean.sha256())
+    log(f"[patch] {out}: {name} fine-tuned {cfg.cutout_finetune} epochs with Cutout ({side}x{side} masks) on "
+        f"{len(clean)} clean samples ({seconds:.1f} s)")
+    return out
+
+
 def certify_patch_run(run: RunDirectory, cfg: PatchCertifyConfig, *, device: str = "cpu", progress: bool = True,
                       log: Any = print) -> list[dict[str, Any]]:
     """Patch-certify the chosen models of a single-model run on its clean and triggered test sets; write
@@ -163,6 +208,8 @@ def certify_patch_run(run: RunDirectory, cfg: PatchCertifyConfig, *, device: str
         keep, keep_t = np.arange(len(test)), np.arange(len(trig.x))
     rows, frames = [], []
     for name in names:
+        if cfg.cutout_finetune:  # certify the Cutout fine-tuned copy (made once, kept in the run)
+            name = _cutout_copy(run, name, cfg, data, train_cfg, device, log)
         spec = run.model_spec(name)
         model = run.load_model(name, builder=build_model_from_spec, device="cpu")
         t0 = time.perf_counter()
