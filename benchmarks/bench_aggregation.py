@@ -3,11 +3,13 @@
 1. **Certification speed and agreement.** :func:`certkit.certify.aggregation.roe_certify`,
    :func:`~certkit.certify.aggregation.fa_certify` and :func:`~certkit.certify.aggregation.fa_roe_certify` on
    synthetic saved logits (10,000 points, 10 classes, ROE: K = 50 members; FA: k = 50, d = 4, i.e. 200
-   learners saved in a shuffled file order with the member -> subset map in the layout) against plain Python
-   per-point loops written HERE in the style of the reference scripts (per point: votes counted in Python, the
-   radius from explicit loops over classes, members and buckets, following the algorithms of
-   ``reference/poisoning-certificates-fct-gdm.md`` section 3; certkit's implementation is not used by the
-   loops). Every radius and prediction of the loops is compared with certkit's on every point they ran on. The
+   learners saved in a shuffled file order with the member -> subset map in the layout) against per-point loops
+   written HERE from the algorithms of ``reference/poisoning-certificates-fct-gdm.md`` section 3 (certkit's
+   implementation is not used by the loops), in two styles: *pure Python* (per point: votes counted in Python
+   from ``tolist()`` rows, the radius from explicit loops over classes, members and buckets) and *torch per
+   point*, the reference scripts' structure (votes and round-1 counts vectorised once, then small tensor ops,
+   sorts and ``.item()`` loops per class or pair). Every radius and prediction of the loops is compared with
+   certkit's on every point they ran on. The
    FA and FA + ROE loops are slow, so by default they run on an evenly spaced subsample of the 10,000 points and
    their time is extrapolated per point (``--fa-loop-points``, ``--faroe-loop-points``; 0 = all points).
    A second, smaller workload with integer-valued logits (many logit and vote ties) checks the tie-breaks.
@@ -15,7 +17,8 @@
 2. **Partition (DPA) training, n_jobs = 2 vs 1.** :func:`certkit.runs.ensemble_train.train_ensemble` on the
    same partition spec (digits, k = 20) in fresh run directories, loky workers warmed by a first call, members
    checked bit-identical through the sha256 in the manifests. Waits (up to ``--max-wait`` s) until the 1-minute
-   load average is <= 1.0 first and reports the load it ran under. Target: speed-up >= 1.6x.
+   load average is <= 1.0 and two processes really get >= 1.7 cores, and reports the load it ran under; runs
+   before parts 1 and 3. Target: speed-up >= 1.6x.
 3. **Certified accuracy on digits** at r = 1, 3, 5, 10 for DPA (k = 10, 25, 50), DPA + ROE (same ensembles),
    FA (k = 10, d = 4) and bagging (100 samples per draw, N = 200 draws), BadNets at poison rate 0.1, members
    trained for about 600 steps of batch 16 (Adam, certkit's trainer), with training and certification wall
@@ -39,6 +42,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 
@@ -482,10 +486,17 @@ def machine_parallelism(n: int = 5_000_000) -> float:
         return 2 * one / (time.perf_counter() - t0)
 
 
-def wait_for_quiet(max_wait: float, limit: float = 1.0) -> dict[str, Any]:
-    waited = 0.0
-    while os.getloadavg()[0] > limit and waited < max_wait:
-        print(f"  load average {os.getloadavg()[0]:.2f} > {limit}: waiting 60 s ({waited:.0f} s so far)", flush=True)
+def wait_for_quiet(max_wait: float, limit: float = 1.0, cores: float = 1.7) -> dict[str, Any]:
+    """Wait (60 s at a time, up to ``max_wait``) until the 1-minute load is <= ``limit`` and two processes
+    really get ``cores`` cores between them (:func:`machine_parallelism`)."""
+    waited, par = 0.0, float("nan")
+    while waited < max_wait:
+        load = os.getloadavg()[0]
+        if load <= limit:
+            par = machine_parallelism()
+            if par >= cores:
+                break
+        print(f"  load average {load:.2f}, parallelism {par:.2f}x: waiting 60 s ({waited:.0f} s so far)", flush=True)
         time.sleep(60)
         waited += 60
     return {"load_1min": os.getloadavg()[0], "waited_s": waited}
@@ -495,25 +506,33 @@ def _shas(run, members: int) -> list[str]:
     return [run.manifest["models"][member_name(m)]["sha256"] for m in range(members)]
 
 
+def _member_sum(run, members: int) -> float:
+    """Sum of the members' own training times, as recorded by the workers (excludes dispatch and saving)."""
+    return float(sum(run.manifest["timings"][f"train/{member_name(m)}"] for m in range(members)))
+
+
 def bench_parallel(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     quiet = wait_for_quiet(args.max_wait)
     spec = EnsembleSpec(dataset="digits", model="digits-cnn", attack="badnets", poison_rate=0.1, layout="partition",
                         k=args.par_k, epochs=args.par_epochs, batch_size=16, seed=0)
     t0 = time.perf_counter()
-    train_ensemble(spec, root / "par-cold-j2", n_jobs=2, progress=False)   # starts and warms the loky workers
+    run = train_ensemble(spec, root / "par-cold-j2", n_jobs=2, progress=False)   # starts and warms the loky workers
     cold = time.perf_counter() - t0
+    shas = [_shas(run, spec.members)]
     train_ensemble(dataclasses.replace(spec, epochs=1), root / "par-warm-j1", n_jobs=1, progress=False)
     par_before = machine_parallelism()
-    reps, shas = [], []
+    reps = []
     for r in range(args.par_repeats):
         load = os.getloadavg()[0]
-        times = {}
+        times, member_s = {}, {}
         for jobs in (1, 2):
             t0 = time.perf_counter()
             run = train_ensemble(spec, root / f"par-{r}-j{jobs}", n_jobs=jobs, progress=False)
             times[jobs] = time.perf_counter() - t0
+            member_s[jobs] = _member_sum(run, spec.members)
             shas.append(_shas(run, spec.members))
-        reps.append({"load_1min_before": load, "j1_s": times[1], "j2_s": times[2], "speedup": times[1] / times[2]})
+        reps.append({"load_1min_before": load, "j1_s": times[1], "j2_s": times[2], "speedup": times[1] / times[2],
+                     "j1_member_sum_s": member_s[1], "j2_member_sum_s": member_s[2]})
     identical = all(s == shas[0] for s in shas)
     best1, best2 = min(r["j1_s"] for r in reps), min(r["j2_s"] for r in reps)
     return {"k": args.par_k, "epochs": args.par_epochs, "members": spec.members, "cold_j2_s": cold,
@@ -558,7 +577,10 @@ def _certify(run, label: str, info: dict, certificate: str, **cfg: Any) -> dict[
                               progress=False, log=lambda s: None)
     wall = time.perf_counter() - t0
     acc = row["certified_accuracy"]
+    arrays, _ = read_member_outputs(run)
+    member_acc = float((arrays["clean_logits"].argmax(axis=2) == arrays["clean_labels"][None, :]).mean())
     return {"method": label, "certificate": certificate, **info, "clean": row["clean_accuracy"],
+            "member_acc": member_acc,
             "acc": {str(r): acc[str(r)] for r in (0, *RADII)}, "median_radius": row["median_radius"],
             "largest_r_half": _largest_half(acc), "asr": row["asr"], "n_poisoned": row["n_poisoned"],
             "poisoned_in_unit": row["poisoned_in_unit"], "ctr_samples": row["ctr_samples"],
@@ -569,6 +591,8 @@ def _certify(run, label: str, info: dict, certificate: str, **cfg: Any) -> dict[
 def bench_digits(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     rows, tiny = [], []
     steps, jobs = args.steps, args.n_jobs
+    bagging_certify([[5, 1]], n=100, k=10)   # compile the numba Clopper-Pearson kernel outside the timings
+    torch.set_num_threads(1)                 # numba's omp layer may have raised torch's thread count (see main)
     for k in args.dpa_k:
         run, _, info = _train(root, f"dpa-k{k}", steps, jobs, layout="partition", k=k, poison_rate=0.1)
         rows.append(_certify(run, f"DPA k={k}", info, "dpa"))
@@ -640,24 +664,26 @@ def report(res: dict[str, Any]) -> None:
         print(f"\n## 2. DPA training, n_jobs=2 vs 1: digits, k={p['k']} partitions, {p['epochs']} epochs, batch 16 "
               f"(load average {p['load_1min']:.2f} at the start, waited {p['waited_s']:.0f} s; machine "
               f"parallelism {p['machine_parallelism_before']:.2f}x)")
-        print("| repeat | load before | n_jobs=1 [s] | n_jobs=2 [s] | speed-up |")
-        print("|---|---|---|---|---|")
+        print("| repeat | load before | n_jobs=1 [s] | n_jobs=2 [s] | speed-up | sum of member times, n_jobs=1 / 2 [s] |")
+        print("|---|---|---|---|---|---|")
         for i, rep in enumerate(p["repeats"]):
             print(f"| {i + 1} | {rep['load_1min_before']:.2f} | {rep['j1_s']:.2f} | {rep['j2_s']:.2f} | "
-                  f"{rep['speedup']:.2f}x |")
-        print(f"| best | | {p['best_j1_s']:.2f} | {p['best_j2_s']:.2f} | **{p['speedup']:.2f}x** |")
-        print(f"| first n_jobs=2 call (starts the workers) | | | {p['cold_j2_s']:.2f} | |")
-        print(f"members bit-identical (sha256 in the manifests, all runs): {p['bit_identical']}")
+                  f"{rep['speedup']:.2f}x | {rep['j1_member_sum_s']:.2f} / {rep['j2_member_sum_s']:.2f} |")
+        print(f"| best | | {p['best_j1_s']:.2f} | {p['best_j2_s']:.2f} | **{p['speedup']:.2f}x** | |")
+        print(f"| first n_jobs=2 call (starts the workers) | | | {p['cold_j2_s']:.2f} | | |")
+        print(f"members bit-identical (sha256 in the manifests, all {1 + 2 * len(p['repeats'])} runs, the cold one "
+              f"included): {p['bit_identical']}")
     if "digits" in res:
         g = res["digits"]
         print(f"\n## 3. Certified accuracy on digits ({g['n_train']} train / {g['n_test']} test), BadNets 10%, "
               f"~{g['steps_target']} Adam steps of batch 16 per member, n_jobs={g['n_jobs']}")
-        print("| method | epochs (steps) | clean | r=1 | r=3 | r=5 | r=10 | largest r with >= 0.5 | median | ASR | "
-              "CTR at attack (need) | train [s] | evaluate [s] | certify [s] |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| method | epochs (steps) | member acc | clean | r=1 | r=3 | r=5 | r=10 | largest r with >= 0.5 | median | "
+              "ASR | CTR at attack (need) | train [s] | evaluate [s] | certify [s] |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for row in g["rows"]:
             a = row["acc"]
-            print(f"| {row['method']} | {row['epochs']} ({row['mean_steps']:.0f}) | {row['clean']:.3f} | "
+            print(f"| {row['method']} | {row['epochs']} ({row['mean_steps']:.0f}) | {row['member_acc']:.3f} | "
+                  f"{row['clean']:.3f} | "
                   + " | ".join(f"{a[str(x)]:.3f}" for x in RADII)
                   + f" | {row['largest_r_half']} | {row['median_radius']:g} | {row['asr']:.3f} | "
                   f"{_f(row['ctr_samples'])} ({row['poisoned_in_unit']}) | {_train_cell(row)} | "
@@ -683,10 +709,11 @@ def report(res: dict[str, Any]) -> None:
               + " (reference: r=0 0.35, r=1 0.186)")
         print("\nA poisoning the certificate can cover: DPA k=50 at poison rate "
               f"{res['args']['tiny_rate']}:")
-        print("| method | poisoned | need (unit) | clean | r=10 | ASR | CTR (samples) | train [s] |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| method | poisoned | need (unit) | member acc | clean | r=10 | ASR | CTR (samples) | train [s] |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for row in g["tiny"]:
-            print(f"| {row['method']} | {row['n_poisoned']} | {row['poisoned_in_unit']} | {row['clean']:.3f} | "
+            print(f"| {row['method']} | {row['n_poisoned']} | {row['poisoned_in_unit']} | {row['member_acc']:.3f} | "
+                  f"{row['clean']:.3f} | "
                   f"{row['acc']['10']:.3f} | {row['asr']:.3f} | {_f(row['ctr_samples'])} | {_train_cell(row)} |")
 
 
@@ -713,7 +740,11 @@ def main() -> None:
     p.add_argument("--tiny-rate", type=float, default=0.005)
     p.add_argument("--n-jobs", type=int, default=2, help="training workers in part 3")
     args = p.parse_args()
+    # one thread for torch and numba in this process (the machine is shared; training parallelism comes from
+    # the loky workers). numba's "omp" threading layer shares the OpenMP runtime with torch, so certkit's first
+    # parallel numba kernel (bagging's Clopper-Pearson bounds) would otherwise raise torch's thread count.
     torch.set_num_threads(1)
+    numba.set_num_threads(1)
     print(f"# certkit aggregation benchmark: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"numpy {np.__version__}, load average {os.getloadavg()[0]:.2f}", flush=True)
     res: dict[str, Any] = {"args": vars(args), "machine": platform.machine(), "cpus": os.cpu_count(),
