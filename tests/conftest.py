@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,24 @@ PURIFY_TARGET = 0
 # The defender gets 20% of the training set (251 images, ~25 per class): at 2-5% (25-63 images, 2-6 per
 # class) FST's head re-initialisation collapses clean accuracy (purifier-notes.md section 14).
 PURIFY_CLEAN_FRACTION = 0.2
+
+
+def file_snapshot(path: Path) -> dict[str, str]:
+    """sha256 of every file under ``path`` (empty when it does not exist): "nothing written" checks."""
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def one_line_error(capsys, *fragments: str) -> str:
+    """The single stderr line ``certkit: error: ...`` of a refused command, checked to hold ``fragments``."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("certkit: error: "), err
+    for fragment in fragments:
+        assert fragment in err[0], err[0]
+    return err[0]
 
 
 def state_of(model: nn.Module) -> dict[str, torch.Tensor]:

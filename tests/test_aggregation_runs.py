@@ -3,14 +3,13 @@ report, and the bad input of issue 13 (one line, nothing written)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import file_snapshot, one_line_error
 
 from certkit.backdoor.data import ArrayDataset
 from certkit.certify.aggregation import Layout, dpa_certify, roe_certify
@@ -28,22 +27,6 @@ from certkit.runs.rundir import RunDirectory
 
 QUIET = ["--device", "cpu", "--no-progress"]
 SMALL = ["--epochs", "1", "--batch-size", "64", *QUIET]
-
-
-def _snapshot(path: Path) -> dict[str, str]:
-    if not path.exists():
-        return {}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def _one_line_error(capsys, *fragments: str) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("certkit: error: "), err
-    for fragment in fragments:
-        assert fragment in err[0], err[0]
-    return err[0]
 
 
 # ------------------------------------------------------------------------------------------ spec
@@ -161,14 +144,14 @@ def test_dpa_and_roe_certify_offline_and_add_to_the_summary(dpa_run, capsys):
 
 
 def test_another_layouts_certificate_is_refused_and_nothing_changes(dpa_run, capsys):
-    before = _snapshot(dpa_run)
+    before = file_snapshot(dpa_run)
     for cert, fragment in (("fa", "'fa' certificate is valid only for a 'finite-aggregation' layout"),
                            ("bagging", "'bootstrap' layout"), ("l2", "'l2' certificate is valid only for a "
                                                                     "'full-noise' layout"),
                            ("joint", "needs members trained with an ablation")):
         assert main(["ensemble", "certify", str(dpa_run), "--certificate", cert, *QUIET]) == 2
-        _one_line_error(capsys, fragment)
-    assert _snapshot(dpa_run) == before
+        one_line_error(capsys, fragment)
+    assert file_snapshot(dpa_run) == before
 
 
 def test_saved_outputs_of_other_members_are_not_reused(dpa_run, capsys):
@@ -251,16 +234,16 @@ def test_the_joint_certificate_uses_the_members_patch_certificates(tmp_path, cap
 def test_bad_layout_flags_are_one_line_and_create_nothing(tmp_path, capsys, argv, fragment):
     out = tmp_path / "run"
     assert main(["ensemble", "train", "--out", str(out), *argv, *SMALL]) == 2
-    _one_line_error(capsys, fragment)
+    one_line_error(capsys, fragment)
     assert not out.exists()
 
 
 def test_a_rab_run_refuses_poisoning_count_certificates(tmp_path, capsys):
     out = tmp_path / "rab"
     assert main(["ensemble", "train", "--out", str(out), "--members", "2", *SMALL]) == 0
-    before = _snapshot(out)
+    before = file_snapshot(out)
     assert main(["ensemble", "certify", str(out), "--certificate", "dpa", *QUIET]) == 2
-    _one_line_error(capsys, "'dpa' certificate is valid only for a 'partition' layout", "'full-noise'")
-    assert _snapshot(out) == before
+    one_line_error(capsys, "'dpa' certificate is valid only for a 'partition' layout", "'full-noise'")
+    assert file_snapshot(out) == before
     with pytest.raises(RecordError):
         read_member_outputs(RunDirectory.open(out))

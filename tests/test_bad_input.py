@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import file_snapshot, one_line_error
 
 from certkit.certify.smoothing import RandomizedSmoothing
 from certkit.cli import build_parser, main
@@ -21,23 +22,6 @@ from certkit.runs.rundir import RunDirectory
 
 LEGACY = Path(__file__).parent / "data" / "legacy-runs"
 QUIET = ["--device", "cpu", "--no-progress"]
-
-
-def _snapshot(path: Path) -> dict[str, str]:
-    """sha256 of every file under ``path`` (empty when it does not exist)."""
-    if not path.exists():
-        return {}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def _one_line_error(capsys, *fragments: str) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("certkit: error: "), err
-    for fragment in fragments:
-        assert fragment in err[0], err[0]
-    return err[0]
 
 
 @pytest.fixture
@@ -50,17 +34,17 @@ def legacy_single(tmp_path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ seeds, numbers
 def test_a_negative_certify_seed_is_one_line_and_changes_nothing(legacy_single, capsys):
-    before = _snapshot(legacy_single)
+    before = file_snapshot(legacy_single)
     assert main(["certify", str(legacy_single), "--model", "noise-0.25", "--seed", "-5", "--n0", "5", "--n", "10",
                  *QUIET]) == 2
-    _one_line_error(capsys, "--seed", "seed must be an integer in [0, 2**32), got -5")
-    assert _snapshot(legacy_single) == before
+    one_line_error(capsys, "--seed", "seed must be an integer in [0, 2**32), got -5")
+    assert file_snapshot(legacy_single) == before
 
 
 def test_a_negative_train_seed_creates_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--seed", "-1", *QUIET]) == 2
-    _one_line_error(capsys, "--seed", "seed must be an integer in [0, 2**32), got -1")
+    one_line_error(capsys, "--seed", "seed must be an integer in [0, 2**32), got -1")
     assert not out.exists()
 
 
@@ -74,7 +58,7 @@ def test_a_word_where_a_number_belongs_names_the_flag(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--out", "x", "--noise-sigmas", "lots"])
     assert exc.value.code == 2
-    _one_line_error(capsys, "--noise-sigmas", "not a number: 'lots'")
+    one_line_error(capsys, "--noise-sigmas", "not a number: 'lots'")
 
 
 # ------------------------------------------------------------------------------------------ data files
@@ -106,7 +90,7 @@ def test_bad_npz_files_are_refused_before_the_run_directory_exists(tmp_path, cap
         path.write_text("x_train,y_train\n1,2\n")
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--dataset", f"npz:{path}", "--epochs", "1", *QUIET]) == 2
-    _one_line_error(capsys, message)
+    one_line_error(capsys, message)
     assert not out.exists()
 
 
@@ -131,7 +115,7 @@ def test_a_decompression_bomb_in_an_image_folder_is_refused(tmp_path, capsys):
     (root / "a" / "bomb.png").write_bytes(_png_claiming(30000, 30000))
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--dataset", f"folder:{root}", "--epochs", "1", *QUIET]) == 2
-    line = _one_line_error(capsys, "bomb.png")
+    line = one_line_error(capsys, "bomb.png")
     assert "30000x30000" in line or "decompression bomb" in line
     assert not out.exists()
 
@@ -139,7 +123,7 @@ def test_a_decompression_bomb_in_an_image_folder_is_refused(tmp_path, capsys):
 def test_after_a_rejected_train_a_valid_one_into_the_same_directory_works(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--target", "10", "--epochs", "1", *QUIET]) == 2
-    _one_line_error(capsys, "target class 10 is out of range")
+    one_line_error(capsys, "target class 10 is out of range")
     assert not out.exists()
     assert main(["train", "--out", str(out), "--epochs", "1", *QUIET]) == 0
     assert RunDirectory.open(out).has_model("undefended")
@@ -155,7 +139,7 @@ def test_bad_yaml_specs_are_one_line(tmp_path, capsys, text, fragment):
     spec.write_text(text)
     out = tmp_path / "cmp"
     assert main(["compare", "--spec", str(spec), "--out", str(out), *QUIET]) == 2
-    line = _one_line_error(capsys, fragment, "line ")
+    line = one_line_error(capsys, fragment, "line ")
     assert "python/object" not in line or "constructor" in line
     assert not out.exists()
 
@@ -163,7 +147,7 @@ def test_bad_yaml_specs_are_one_line(tmp_path, capsys, text, fragment):
 def test_an_unknown_defense_fails_before_any_training(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--defenses", "undefended", "nosuchdefense", "--out", str(out), *QUIET]) == 2
-    _one_line_error(capsys, "unknown defense(s) 'nosuchdefense'", "choose from undefended")
+    one_line_error(capsys, "unknown defense(s) 'nosuchdefense'", "choose from undefended")
     assert not out.exists()
 
 
@@ -177,10 +161,10 @@ def test_a_checkpoint_of_the_wrong_shapes_is_one_line(legacy_single, capsys):
     manifest = json.loads((legacy_single / "manifest.json").read_text())
     manifest["models"]["noise-0.25"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     (legacy_single / "manifest.json").write_text(json.dumps(manifest))
-    before = _snapshot(legacy_single)
+    before = file_snapshot(legacy_single)
     assert main(["certify", str(legacy_single), "--model", "noise-0.25", "--n0", "5", "--n", "10", *QUIET]) == 2
-    _one_line_error(capsys, "does not fit the model built from its spec", f"size mismatch for {first}")
-    assert _snapshot(legacy_single) == before
+    one_line_error(capsys, "does not fit the model built from its spec", f"size mismatch for {first}")
+    assert file_snapshot(legacy_single) == before
 
 
 # ------------------------------------------------------------------------------------------ library
