@@ -55,6 +55,15 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_tensor(x: torch.Tensor) -> str:
+    """Hex SHA-256 of a tensor's raw bytes (CPU, contiguous): identifies the exact inputs a saved result is for.
+
+    >>> sha256_tensor(torch.zeros(2)) == sha256_tensor(torch.zeros(2)) != sha256_tensor(torch.ones(2))
+    True
+    """
+    return sha256_bytes(x.detach().cpu().contiguous().numpy().tobytes())
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of the file at ``path`` (read in 1 MiB chunks)."""
     h = hashlib.sha256()

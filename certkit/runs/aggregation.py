@@ -32,13 +32,12 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from certkit._validation import check_alpha, check_choice, check_positive_int
@@ -61,7 +60,7 @@ from certkit.certify.aggregation import (
 from certkit.certify.patch import derandomized_certify
 from certkit.certify.plots import _pyplot, add_caption, save_figure, settings_caption, style
 from certkit.errors import InputError, RecordError
-from certkit.io import sha256_bytes
+from certkit.io import sha256_tensor
 from certkit.runs.ensemble_certify import EnsembleCertifyConfig, certify_ensemble
 from certkit.runs.ensemble_train import (
     RUN_KIND,
@@ -141,10 +140,6 @@ def _open(run_dir: RunDirectory | str | Path) -> tuple[RunDirectory, EnsembleSpe
     return run, spec
 
 
-def _tensor_sha(x: torch.Tensor) -> str:
-    return sha256_bytes(x.detach().cpu().contiguous().numpy().tobytes())
-
-
 def _expected_meta(run: RunDirectory, spec: EnsembleSpec, data: PreparedData) -> dict[str, Any]:
     names = [member_name(m) for m in range(spec.members)]
     missing = [nm for nm in names if nm not in run.manifest["models"]]
@@ -153,7 +148,7 @@ def _expected_meta(run: RunDirectory, spec: EnsembleSpec, data: PreparedData) ->
                           f"{missing[0]}); resume training with `certkit ensemble train`")
     return {"format": _FORMAT, "layout": read_layout(run).to_dict(),
             "member_sha256": [run.manifest["models"][nm]["sha256"] for nm in names],
-            "test_sha256": data.splits.test.sha256(), "triggered_sha256": _tensor_sha(data.triggered.x),
+            "test_sha256": data.splits.test.sha256(), "triggered_sha256": sha256_tensor(data.triggered.x),
             "ablation": spec.ablation, "band": spec.band, "num_classes": data.num_classes}
 
 
@@ -449,6 +444,6 @@ def certify_ensemble_any(run_dir: RunDirectory | str | Path, certificate: str | 
                          f"{DEFAULT_CERTIFICATE[spec.layout]})")
     cfg = aggregation or AggregationCertifyConfig()
     if certificate is not None:
-        cfg = AggregationCertifyConfig(**{**cfg.__dict__, "certificate": certificate})
+        cfg = replace(cfg, certificate=certificate)
     certify_aggregation(run, cfg, device=device, progress=progress, log=log)
     return aggregation_table(run.read_summary())

@@ -85,6 +85,7 @@ from certkit.certify.results import CertificationResult
 from certkit.certify.storage import StorageCertifier
 from certkit.devices import resolve_device
 from certkit.errors import InputError, RecordError
+from certkit.io import sha256_tensor
 from certkit.runs.defaults import ENSEMBLE_CERTIFY, ENSEMBLE_DEMO
 from certkit.runs.ensemble_train import (
     REFERENCE_MODEL,
@@ -156,7 +157,7 @@ def optimized_test_sigmas(run: RunDirectory, spec: EnsembleSpec, test_x: torch.T
     if REFERENCE_MODEL not in run.models():
         raise RecordError(f"sample-specific run {run.path} has no reference model; train the ensemble first")
     seed = derive_seed(spec.seed, STREAM_SIGMA_TEST, 0)
-    want = {"test_sha256": _tensor_sha(test_x), "reference_sha256": run.manifest["models"][REFERENCE_MODEL]["sha256"],
+    want = {"test_sha256": sha256_tensor(test_x), "reference_sha256": run.manifest["models"][REFERENCE_MODEL]["sha256"],
             "base_sigma": spec.sigma, "steps": spec.sigma_steps, "lr": spec.sigma_lr, "sigma_max": spec.sigma_max,
             "detach_model": spec.sigma_detach_model, "seed": seed}
     n = int(test_x.shape[0])
@@ -225,7 +226,7 @@ def certify_ensemble_run(run: RunDirectory, cfg: EnsembleCertifyConfig, *, devic
     v_clean = _votes(run, ens, test.x[keep], "clean", test.subset(keep).sha256(), log, sigma=sig_clean)
     trig_x = trig.x[keep_t]
     v_trig = _votes(run, ens, trig_x, "triggered",
-                    _tensor_sha(trig_x), log, sigma=sig_trig)
+                    sha256_tensor(trig_x), log, sigma=sig_trig)
     run.record_timing("ensemble/votes", time.perf_counter() - t0)
     if spec.sample_specific:
         return _certify_sample_specific(run, cfg, spec, data, keep, keep_t, v_clean, v_trig, device=device, log=log)
@@ -397,12 +398,6 @@ def _summary(spec: EnsembleSpec, data: PreparedData, undefended: dict[str, Any] 
         "ensemble": row,
         "training_assumption": assumption,
     }
-
-
-def _tensor_sha(x: torch.Tensor) -> str:
-    import hashlib
-
-    return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _plot(run: RunDirectory, clean: CertificationResult, norm: float | None,
