@@ -173,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also train a de-randomized smoothing model (patch certificates): one random band of "
                        "--band columns (or a --band x --band block) kept per batch, inputs encoded as (x, 1 - x)")
     train.add_argument("--band", type=_integer, default=None, help="width of the kept band / block (pixels)")
+    train.add_argument("--defense", choices=list(D.TRAINING_DEFENSES), default=None,
+                       help="also train a model by a training-time defense from the poisoned data: fct-st = FCT's "
+                       "D-ST (SD split by transformation sensitivity, then contrastive pre-training and a linear "
+                       "head on the split; saved as model 'fct-st', with the split in train/fct-st_split.npz)")
+    train.add_argument("--defense-params", type=_json_dict, default=None,
+                       help='the defense\'s settings as JSON, {"sd": {...}, "st": {...}}: keyword arguments of '
+                       "purifiers.fct.sd_split and fct_secure_train, over the defaults: digits-scale settings on digits, "
+                       "the official ones elsewhere (the resolved settings are stored in the run)")
     train.add_argument("--seed", type=_integer, default=None, help=f"seed (default: {D.TRAIN['seed']})")
     _add_common(train)
 
@@ -479,7 +487,7 @@ def _train(args: argparse.Namespace, progress: bool) -> int:
 
     cfg = TrainConfig(**_given(args, **_DATA_FLAGS, model="model", epochs="epochs", lr="lr",
                                batch_size="batch_size", noise_sigmas="noise_sigmas", ablation="ablation",
-                               band="band"))
+                               band="band", defense="defense", defense_params="defense_params"))
     run = train(cfg, args.out, device=args.device, progress=progress, download=args.download, log=_log(args))
     print(f"run directory: {run.path}")
     return 0

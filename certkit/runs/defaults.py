@@ -27,6 +27,22 @@ ENSEMBLE_CERTIFY: dict[str, Any] = {"alpha": 0.001, "bound": "clopper-pearson", 
 #: :func:`certkit.runs.ensemble_certify.run_ensemble_demo` (``certkit demo --mode ensemble``)
 ENSEMBLE_DEMO: dict[str, Any] = {"out": "runs/demo-ensemble", "sigmas": (0.5,), "members": 50, "epochs": 10,
                                  "poison_rate": 0.02, "n_jobs": 2}
+#: FCT's SD module (:func:`purifiers.fct.sd_split`) on the embedded digits, used by ``certkit train --defense fct-st``
+#: there and by the compare preset's ``fct-br`` / ``fct-st`` cells. The official 2 SD epochs at lr 0.01 leave the
+#: digits model constant (D_p precision 0.03-0.35, ASR unchanged); 10 epochs at lr 0.03 in batches of 32 and 8 tau
+#: draws give D_p precision 0.92-1.00. The per-class clean split keeps the target class in D_c (the global split
+#: left it out and D-BR erased class 0: CA -9 points on digits-cnn). No L_intra epochs (no gain here, reference
+#: notes section 4.2: it hurt).
+FCT_SD_DIGITS: dict[str, Any] = {"sd_epochs": 10, "intra_epochs": 0, "sd_lr": 0.03, "draws": 8,
+                                 "per_class_clean": True, "batch_size": 32}
+#: FCT's D-ST training (:func:`purifiers.fct.fct_secure_train`) on the embedded digits: the contrastive stage 30
+#: epochs (official 200) at lr 0.1 (official 0.5 at batch 512 collapsed to CA 0.10), crops of 50-100% of the 8x8
+#: image without flips; the linear head 50 epochs in batches of 64 at lr 0.5 (the official 10 epochs of batch 512
+#: are ~10 steps on D_c + D_p here: CA 0.79). Measured on digits-bn-cnn BadNets 10%: CA 0.961, ASR 0.093.
+FCT_ST_DIGITS: dict[str, Any] = {"epochs": 30, "lr": 0.1, "batch_size": 256, "crop_scale": [0.5, 1.0],
+                                 "flip": False, "head_epochs": 50, "head_lr": 0.5, "head_batch_size": 64}
+#: training-time defenses of ``certkit train --defense`` (:mod:`certkit.runs.fct`)
+TRAINING_DEFENSES: tuple[str, ...] = ("fct-st",)
 #: :class:`certkit.runs.purify.PurifyConfig` (``certkit purify``)
 PURIFY: dict[str, Any] = {"noise_finetune_epochs": 0, "noise_sigma": 0.25, "seed": 0}
 #: purifier default budgets that are infeasible on a CPU at CIFAR-10 scale (``certkit purify --help`` lists them;

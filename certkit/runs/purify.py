@@ -23,7 +23,6 @@ certifies them with Cohen's CERTIFY.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -31,7 +30,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 import purifiers
@@ -40,6 +38,7 @@ from certkit.backdoor.prepare import prepare_data
 from certkit.backdoor.training import noise_finetune
 from certkit.errors import InputError, UnknownNameError
 from certkit.runs.defaults import PURIFY
+from certkit.runs.fct import save_split, split_line
 from certkit.runs.models import NOISE_SUFFIX, PURIFIED_PREFIX, load_run_model, purified_spec
 from certkit.runs.rundir import RunDirectory
 from certkit.runs.single import RUN_KIND, TrainConfig
@@ -189,13 +188,8 @@ def purify_run(run: RunDirectory, cfg: PurifyConfig, *, device: str = "auto", pr
     }
     split = getattr(purifier, "split_", None)
     if split is not None:  # FCT: per-sample scores, thresholds, flags; precision / recall as a diagnostic
-        buf = io.BytesIO()
-        np.savez(buf, **split.arrays())
-        run.write_bytes(f"purify/{cfg.method}_split.npz", buf.getvalue())
-        record["split"] = {**split.record(exp.poisoned.poison_indices), "file": f"purify/{cfg.method}_split.npz"}
-        log(f"[purify] {cfg.method} split: {split!r}; D_p precision {record['split']['poisoned_precision']:.2f}, "
-            f"recall {record['split']['poisoned_recall']:.2f}; D_c precision "
-            f"{record['split']['clean_precision']:.2f} (against the true poison indices; diagnostic only)")
+        record["split"] = save_split(run, f"purify/{cfg.method}_split.npz", split, exp.poisoned.poison_indices)
+        log(f"[purify] {split_line(cfg.method, record['split'])}")
     entries = {cfg.model_name: {"method": cfg.method, "noise_sigma": None, **report.to_dict(),
                                 "smoke_test": cfg.fast}}
     noise_name = cfg.model_name + NOISE_SUFFIX

@@ -10,6 +10,7 @@ from typing import Any
 from certkit.errors import RecordError
 from certkit.runs.aggregation import aggregation_table
 from certkit.runs.ensemble_certify import ensemble_report_table
+from certkit.runs.fct import split_line
 from certkit.runs.patch import patch_table
 from certkit.runs.plots import plot_certified_rows
 from certkit.runs.rundir import RunDirectory
@@ -56,6 +57,10 @@ def report_table(summary: dict[str, Any]) -> str:
         for name, m in emp.items():
             lines.append(f"{name:<16}{m['noise_sigma']:>12g}{m['clean_accuracy']:>8.3f}"
                          f"{m['attack_success_rate']:>8.3f}{m['robust_accuracy']:>8.3f}")
+        for name, m in emp.items():
+            if m.get("defense") == "fct-st":
+                lines.append(f"{name}: trained by FCT's D-ST from the poisoned data (Chen, Wu, Wang, NeurIPS 2022); "
+                             + split_line("SD", m["split"]))
     cert = summary.get("certified", [])
     if cert:
         radii = list(cert[0]["certified_accuracy"].keys())

@@ -470,6 +470,16 @@ class RunDirectory:
                 )
         return data
 
+    def has_file(self, relpath: str | os.PathLike) -> bool:
+        """Whether ``relpath`` is recorded in the manifest and its file exists with the recorded sha256."""
+        entry = self._manifest["files"].get(self._relpath(relpath))
+        if not isinstance(entry, dict):
+            return False
+        try:
+            return sha256_file(self.file(relpath)) == entry.get("sha256")
+        except (InputError, OSError):
+            return False
+
     def read_bytes(self, relpath: str | os.PathLike, *, verify: bool = True) -> bytes:
         """Bytes of ``relpath``; checks the recorded sha256 unless ``verify=False``."""
         return self._read_checked(relpath, verify)

@@ -53,7 +53,15 @@ from certkit.errors import InputError, RecordError
 from certkit.io import read_indices, sha256_bytes
 from certkit.progress import batches as progress_batches
 from certkit.runs.budget import announce, seconds_per_input
-from certkit.runs.defaults import CERTIFY, TRAIN
+from certkit.runs.defaults import CERTIFY, TRAIN, TRAINING_DEFENSES
+from certkit.runs.fct import (
+    check_fct_st_size,
+    fct_st_settings,
+    fct_st_work,
+    save_split,
+    split_line,
+    train_fct_st,
+)
 from certkit.runs.models import (
     ablated_model_name,
     build_ablated_model,
@@ -93,6 +101,12 @@ class TrainConfig:
     #: or block ("block") of side ``band`` kept per batch (``None``: no such model)
     ablation: str | None = None
     band: int | None = None
+    #: a training-time defense: also train a model of that name from the poisoned data by the defended
+    #: procedure (``"fct-st"``: FCT's D-ST, :mod:`certkit.runs.fct`); ``None``: none
+    defense: str | None = None
+    #: the defense's settings, stored resolved (``fct-st``: ``{"sd": ..., "st": ...}`` over the digits-scale or
+    #: official defaults, :func:`certkit.runs.fct.fct_st_settings`)
+    defense_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.ablation is not None:
@@ -105,6 +119,11 @@ class TrainConfig:
         for k, v in check_data_fields(**{k: getattr(self, k) for k in DATA_FIELDS}).items():
             setattr(self, k, v)
         check_choice(self.model, MODELS, "model")
+        if self.defense is not None:
+            check_choice(self.defense, TRAINING_DEFENSES, "defense")
+            self.defense_params = fct_st_settings(self.defense_params, dataset=self.dataset)
+        elif self.defense_params:
+            raise InputError("--defense-params applies to --defense " + " | ".join(TRAINING_DEFENSES))
         self.epochs = check_positive_int(self.epochs, "epochs")
         self.lr = check_float(self.lr, "lr", strict=True)
         self.batch_size = check_positive_int(self.batch_size, "batch_size")
@@ -119,6 +138,8 @@ class TrainConfig:
         d["noise_sigmas"] = list(self.noise_sigmas)
         if self.ablation is None:  # runs without it keep the config (and manifest) of earlier versions
             del d["ablation"], d["band"]
+        if self.defense is None:
+            del d["defense"], d["defense_params"]
         return d
 
     @classmethod
@@ -165,6 +186,9 @@ def train_run(run: RunDirectory, *, device: str = "auto", progress: bool = True,
     if cfg.ablation is not None:
         results.update(_train_ablated(run, cfg, exp, device=device, progress=progress, log=log))
     summary = run.read_summary()
+    if cfg.defense is not None:
+        results.update(_train_defense(run, cfg, exp, summary.get("empirical", {}), device=device,
+                                      progress=progress, log=log))
     summary["empirical"] = results
     summary["attack"] = {**exp.attack.config(), "target": cfg.target, "poison_rate": cfg.poison_rate,
                          "n_poisoned": int(len(exp.poisoned.poison_indices)),
@@ -379,22 +403,29 @@ def certify_run(run: RunDirectory, cfg: CertifyConfig, *, device: str = "auto", 
 
 
 def _announce_training(run: RunDirectory, cfg: TrainConfig, exp: PreparedData, device: str, log: Any) -> None:
-    """The budget line of :func:`train_run`: epochs x batches per model still to train, timed on one training
-    step (forward and backward) of a fresh model (nothing is logged when every model is saved)."""
+    """The budget lines of :func:`train_run`: epochs x batches per model still to train, timed on one training
+    step (forward and backward) of a fresh model, and the training-time defense's inputs (nothing is logged when
+    every model is saved)."""
     names = [model_name_for(s) for s in cfg.noise_sigmas]
     if cfg.ablation is not None:
         names.append(ablated_model_name(cfg.ablation, cfg.band))
     todo = [name for name in names if not run.has_model(name)]
-    if not todo:
+    defense = cfg.defense is not None and not run.has_model(cfg.defense)
+    if not todo and not defense:
         return
     steps = progress_batches(len(exp.poisoned.dataset), cfg.batch_size)
     with torch.random.fork_rng(devices=[]):
         model = build_model(cfg.model, num_classes=exp.splits.num_classes, input_shape=exp.splits.input_shape,
                             mean=exp.splits.mean, std=exp.splits.std)
     per = seconds_per_input(model, exp.splits.input_shape, batch=cfg.batch_size, device=device, backward=True)
-    announce(log, "train", len(todo) * cfg.epochs * steps, "training steps",
-             detail=f"{len(todo)} model(s) x {cfg.epochs} epochs x {steps} batches of {cfg.batch_size}",
-             seconds_per_unit=None if per is None else per * cfg.batch_size, device=resolve_device(device))
+    if todo:
+        announce(log, "train", len(todo) * cfg.epochs * steps, "training steps",
+                 detail=f"{len(todo)} model(s) x {cfg.epochs} epochs x {steps} batches of {cfg.batch_size}",
+                 seconds_per_unit=None if per is None else per * cfg.batch_size, device=resolve_device(device))
+    if defense:
+        inputs, detail = fct_st_work(len(exp.poisoned.dataset), cfg.defense_params)
+        announce(log, f"train {cfg.defense}", inputs, "inputs forward and backward", detail=detail,
+                 seconds_per_unit=per, device=resolve_device(device))
 
 
 def _announce_certify(run: RunDirectory, cfg: CertifyConfig, input_shape: Any, points: int, device: str,
@@ -441,6 +472,38 @@ def _train_ablated(run: RunDirectory, cfg: TrainConfig, exp: PreparedData, *, de
     log(f"[train] {name}: smoothed CA {m['clean_accuracy']:.3f}  ASR {m['attack_success_rate']:.3f}  "
         f"RA {m['robust_accuracy']:.3f}")
     return {name: m}
+
+
+def _train_defense(run: RunDirectory, cfg: TrainConfig, exp: PreparedData, previous: dict[str, Any], *,
+                   device: str, progress: bool, log: Any) -> dict[str, dict[str, Any]]:
+    """Train (once) the run's training-time defense model (FCT's D-ST, Chen, Wu, Wang, NeurIPS 2022) from the
+    poisoned data and measure its CA / ASR / RA; its SD split (per-sample scores, thresholds, flags) is stored in
+    ``train/<defense>_split.npz`` and its sizes and precision / recall against the true poison indices (a
+    diagnostic the method never sees) in the metrics' ``"split"``. A resumed run reuses the stored split."""
+    name = cfg.defense
+    split_file = f"train/{name}_split.npz"
+    stored = (previous.get(name) or {}).get("split")
+    saved = run.load_model(name, builder=build_model_from_spec) if run.has_model(name) else None
+    if saved is not None and stored is not None and run.has_file(split_file):
+        model, record = saved, stored
+        log(f"[train] {name}: checkpoint verified, not retrained")
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            template = build_model(cfg.model, num_classes=exp.splits.num_classes,
+                                   input_shape=exp.splits.input_shape, mean=exp.splits.mean, std=exp.splits.std)
+        t0 = time.perf_counter()
+        model, split = train_fct_st(template, exp.poisoned.dataset, cfg.defense_params, seed=cfg.seed,
+                                    device=device, model=saved,
+                                    log=log if progress else None)
+        record = save_split(run, split_file, split, exp.poisoned.poison_indices)
+        log(f"[train] {split_line(name, record)}")
+        if saved is None:
+            run.save_model(name, model.cpu(), template.certkit_spec, step=f"train/{name}",
+                           seconds=time.perf_counter() - t0)
+    m = empirical_metrics(model, exp.splits.test.x, exp.splits.test.y, exp.triggered, device=device)
+    log(f"[train] {name}: CA {m.clean_accuracy:.3f}  ASR {m.attack_success_rate:.3f}  RA {m.robust_accuracy:.3f}")
+    return {name: {"noise_sigma": 0.0, "defense": name, **m.to_dict(), "split": record}}
 
 
 def _row_key(row: dict[str, Any]) -> tuple[str, float, str]:
@@ -551,6 +614,8 @@ def train(config: TrainConfig, out: str | Path, *, device: str = "auto", progres
                 mean=data.splits.mean, std=data.splits.std)  # the architecture accepts the data
     if config.ablation is not None:
         build_ablated_model(config.model, data, config.ablation, config.band)  # and the band fits
+    if config.defense is not None:  # the poisoned set is large enough for the defense's SD split
+        check_fct_st_size(len(data.poisoned.dataset), config.defense_params)
     run = RunDirectory.create(out, {"train": config.to_dict()}, kind=RUN_KIND)
     train_run(run, device=device, progress=progress, download=download, log=log)
     return run

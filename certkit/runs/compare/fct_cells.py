@@ -1,17 +1,16 @@
 """Comparison cell of FCT's training-time defense D-ST (``fct-st``; Chen, Wu, Wang, NeurIPS 2022).
 
-Unlike a purifier cell it does not start from the backdoored model: the SD module splits the *poisoned
-training set* (:func:`purifiers.fct.sd_split`, with the ``fct-br`` cell's SD settings), then
-:func:`purifiers.fct.fct_secure_train` trains a model of the spec's architecture from scratch (contrastive
-pre-training on all samples, linear head with the mixed cross-entropy). The model is saved as
-``models/<attack_key>__fct-st.pt`` and then measured like a purified model (CA / ASR / RA, re-activation,
-smoothing, PatchCleanser); the row's ``split`` holds the split's sizes, thresholds and its precision / recall
-against the true poison indices (a diagnostic the method never sees).
+Unlike a purifier cell it does not start from the backdoored model: :func:`certkit.runs.fct.train_fct_st` splits
+the *poisoned training set* with the ``fct-br`` cell's SD settings and trains a model of the spec's architecture
+from scratch (contrastive pre-training on all samples, linear head with the mixed cross-entropy), the same
+training as ``certkit train --defense fct-st``. The model is saved as ``models/<attack_key>__fct-st.pt`` and then
+measured like a purified model (CA / ASR / RA, re-activation, smoothing, PatchCleanser); the row's ``split``
+holds the split's sizes, thresholds and its precision / recall against the true poison indices (a diagnostic
+the method never sees).
 """
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -19,11 +18,10 @@ from typing import Any
 import torch
 
 from certkit.backdoor.models import build_model
-from certkit.errors import InputError
 from certkit.runs.compare.spec import CompareSpec
+from certkit.runs.fct import SD_SETTINGS, fct_st_settings, train_fct_st
 from certkit.runs.models import load_run_model
 from certkit.runs.rundir import RunDirectory
-from purifiers.fct import fct_secure_train, sd_split
 
 __all__ = ["TRAINING_CELLS", "fct_st_model"]
 
@@ -37,27 +35,18 @@ def fct_st_model(spec: CompareSpec, cell: Mapping[str, Any], run: RunDirectory, 
 
     ``sd_params``: the ``fct-br`` purifier's parameters (those of :func:`purifiers.fct.sd_split` are used);
     ``spec.purifier_params["fct-st"]``: keyword arguments of :func:`purifiers.fct.fct_secure_train`."""
-    sd_names = set(inspect.signature(sd_split).parameters) - {"template", "train_data", "seed", "device"}
-    sd = {k: v for k, v in sd_params.items() if k in sd_names}
-    st = dict(spec.purifier_params.get("fct-st", {}))
-    valid = set(inspect.signature(fct_secure_train).parameters) - {"template", "train_data", "split", "seed",
-                                                                   "device", "log"}
-    unknown = sorted(set(st) - valid)
-    if unknown:
-        raise InputError(f"unknown purifier_params['fct-st'] key(s) {', '.join(unknown)}; valid: "
-                         f"{', '.join(sorted(valid))}")
+    settings = fct_st_settings({"sd": {k: v for k, v in sd_params.items() if k in SD_SETTINGS},
+                                "st": spec.purifier_params.get("fct-st", {})}, dataset=None)
     train = data.poisoned.dataset
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         template = build_model(spec.model, num_classes=data.splits.num_classes, input_shape=data.splits.input_shape,
                                mean=data.splits.mean, std=data.splits.std)
     t0 = time.perf_counter()
-    split = sd_split(template, train, **sd, seed=spec.seed, device=device)
     name = f"{cell['attack_key']}__fct-st"
-    if run.has_model(name):
-        model = load_run_model(run, name)
-    else:
-        model = fct_secure_train(template, train, split, **st, seed=spec.seed, device=device)
+    saved = load_run_model(run, name) if run.has_model(name) else None
+    model, split = train_fct_st(template, train, settings, seed=spec.seed, device=device, model=saved)
+    if saved is None:
         run.save_model(name, model.cpu(), template.certkit_spec)
-    return model, {"sd": sd, "st": st}, {"split": split.record(data.poisoned.poison_indices),
-                                          "purify_s": time.perf_counter() - t0}
+    return model, settings, {"split": split.record(data.poisoned.poison_indices),
+                             "purify_s": time.perf_counter() - t0}

@@ -20,6 +20,7 @@ from certkit._validation import check_alpha, check_choice, check_float, check_po
 from certkit.backdoor.models import MODELS
 from certkit.backdoor.prepare import check_attack
 from certkit.errors import InputError, UnknownNameError
+from certkit.runs.defaults import FCT_SD_DIGITS, FCT_ST_DIGITS
 
 RUN_KIND = "compare"
 
@@ -361,20 +362,13 @@ PRESET_PURIFIER_PARAMS: dict[str, dict[str, Any]] = {
     # epochs: with ~7 batches per epoch 2e-4 barely trains it (bn-cnn: ASR -> 0.41).
     "mesa": {"trigger_size": 3, "location": "random", "stamp_ratio": 0.2, "epochs": 20, "lr": 1e-3, "hidden": 128,
              "batch_size": 32, "repair_epochs": 10},
-    # FCT (D-BR): the official 2 SD epochs at lr 0.01 leave the digits model constant (D_p precision 0.03-0.35,
-    # ASR unchanged); 10 epochs at lr 0.03 in batches of 32 and 8 tau draws give D_p precision 0.92-1.00. The
-    # per-class clean split keeps the target class in D_c (the global split left it out and BR erased class 0:
-    # CA -9 points on digits-cnn), and BR lr 1e-3 (official 1e-4 barely moves the model in 20 epochs). Measured
-    # on digits-cnn / digits-bn-cnn, seeds 0-2: CA within 0.01, ASR 0.98-1.0 -> 0.002-0.05. No L_intra epochs
-    # (no gain here, reference notes section 4.2: it hurt).
-    "fct-br": {"sd_epochs": 10, "intra_epochs": 0, "sd_lr": 0.03, "draws": 8, "per_class_clean": True,
-               "br_lr": 1e-3, "batch_size": 32},
-    # FCT (D-ST, a training-time cell): its SD split uses the fct-br settings above; the contrastive stage 30
-    # epochs (official 200) at lr 0.1 (official 0.5 at batch 512 collapsed to CA 0.10), crops of 50-100% of the
-    # 8x8 image without flips; the linear head 50 epochs in batches of 64 at lr 0.5 (the official 10 epochs of
-    # batch 512 are ~10 steps on D_c + D_p here: CA 0.79). Measured on digits-bn-cnn: CA 0.961, ASR 0.093.
-    "fct-st": {"epochs": 30, "lr": 0.1, "batch_size": 256, "crop_scale": [0.5, 1.0], "flip": False,
-               "head_epochs": 50, "head_lr": 0.5, "head_batch_size": 64},
+    # FCT (D-BR): the SD split of certkit.runs.defaults.FCT_SD_DIGITS (the measurements behind it are there),
+    # and BR lr 1e-3 (official 1e-4 barely moves the model in 20 epochs). Measured on digits-cnn / digits-bn-cnn,
+    # seeds 0-2: CA within 0.01, ASR 0.98-1.0 -> 0.002-0.05.
+    "fct-br": {**FCT_SD_DIGITS, "br_lr": 1e-3},
+    # FCT (D-ST, a training-time cell): its SD split uses the fct-br settings above; its training those of
+    # certkit.runs.defaults.FCT_ST_DIGITS (the same as `certkit train --defense fct-st` on digits).
+    "fct-st": dict(FCT_ST_DIGITS),
 }
 
 
