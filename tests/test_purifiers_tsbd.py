@@ -27,6 +27,7 @@ from purifiers.tsbd import (
     regulated_step,
     scored_convs,
     shortcut_convs,
+    unlearning_done,
     zero_top_weights_,
 )
 
@@ -188,11 +189,41 @@ def test_model_without_convolutions_is_refused():
         purifiers.make("tsbd", **FAST).purify(model, _data(), seed=0)
 
 
-def test_unlearning_cap_is_a_clear_error():
-    b = _tiny()
+def test_unlearning_cap_is_a_clear_error(backdoored_digits):
+    # a trained model at a step size that cannot move it: neither accurate <= 0 nor collapsed after 2 epochs
+    b = backdoored_digits
     with pytest.raises(InputError, match="max_unlearn_epochs=2.*larger lr_unlearn"):
         purifiers.make("tsbd", **dict(FAST, lr_unlearn=1e-9, max_unlearn_epochs=2, unlearn_acc=0.0)).purify(
-            b, _data(), seed=0)
+            b["model"], b["clean"], seed=0)
+
+
+def test_unlearning_stops_when_the_model_collapses_onto_one_class(backdoored_digits):
+    """unlearn_acc 0 cannot be reached by a model that answers one class (its accuracy is that class's share):
+    the official rule alone ascends until the loss is NaN (seen on digits at the 10% target, where the collapsed
+    class held 11.4% of 201 images); the collapse rule stops at the first epoch with a single predicted class."""
+    b = backdoored_digits
+    method = purifiers.make("tsbd", **dict(FAST, n=0.1, unlearn_acc=0.0, max_unlearn_epochs=200))
+    out = method.purify(b["model"], b["clean"], seed=0)
+    assert method.unlearn_stop_ == "collapsed" and method.unlearn_epochs_ < 200
+    assert all(torch.isfinite(t).all() for t in out.state_dict().values())
+    # the first collapsed epoch, checked against an independent re-run of the same ascent
+    unlearned = copy.deepcopy(b["model"])
+    opt = torch.optim.SGD(unlearned.parameters(), lr=FAST["lr_unlearn"], momentum=0.9)
+    data, _ = split_validation(b["clean"], TwoStageBackdoorDefense.validation_fraction, 0)  # what purify fits on
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for epoch in range(1, method.unlearn_epochs_ + 1):
+            unlearned.train()
+            for s in range(0, len(data), FAST["batch_size"]):
+                loss = F.cross_entropy(unlearned(data.x[s : s + 64]), data.y[s : s + 64])
+                opt.zero_grad()
+                (-loss).backward()
+                opt.step()
+            with torch.no_grad():
+                pred = unlearned.eval()(data.x).argmax(1)
+            assert (len(pred.unique()) == 1) == (epoch == method.unlearn_epochs_), epoch
+    assert unlearning_done(pred, data.y, 0.0) == "collapsed"
+    assert float((pred == data.y).float().mean()) > 0.0  # the official rule would never have stopped
 
 
 # ---------------------------------------------------------------------------------------------- stage 2
