@@ -104,6 +104,10 @@ class ImplicitBackdoorAdversarialUnlearning(Purifier):
           ``portion`` quirk (1% of each batch perturbed in the outer loss) is kept as the default, ``portion=1.0``
           perturbs the whole batch.
 
+    After :meth:`purify` the purifier holds ``delta_norms_``: the l2 norm of each round's universal
+    perturbation before the projection onto ``delta_norm`` (a diagnostic: a norm far below the trigger's
+    means the search did not find it, whatever the radius).
+
     Args:
         n_rounds: rounds (>= 1). K: fixed-point iterations (>= 1). fp_lr: step of the inner map (> 0).
         inner_lr_delta: SGD lr of the perturbation (> 0). delta_reg: weight of ``||delta||^2`` (>= 0).
@@ -162,6 +166,7 @@ class ImplicitBackdoorAdversarialUnlearning(Purifier):
                 torch.manual_seed(seed)
                 gen = torch.Generator().manual_seed(seed)
                 outer_opt = torch.optim.Adam(params, lr=p["lr"])
+                self.delta_norms_: list[float] = []
                 bar = tqdm(range(p["n_rounds"]), desc="i-bau", disable=not p["progress"], leave=False,
                            dynamic_ncols=True)
                 for rnd in bar:
@@ -183,6 +188,7 @@ class ImplicitBackdoorAdversarialUnlearning(Purifier):
                     with torch.no_grad():
                         norm = float(delta.norm())
                         pert = delta.detach() * min(1.0, radius / max(norm, 1e-12))
+                    self.delta_norms_.append(norm)
                     x0, y0 = clean_data.x[batches[0]].to(dev), clean_data.y[batches[0]].to(dev)
 
                     def inner_loss(d: torch.Tensor, _params: Sequence[torch.Tensor], x0=x0, y0=y0) -> torch.Tensor:

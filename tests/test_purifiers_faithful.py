@@ -192,6 +192,20 @@ def test_ibau_keeps_the_model_in_eval_mode_so_bn_statistics_never_change():
     assert not torch.equal(model[0].weight, out[0].weight)  # the weights were trained
 
 
+def test_ibau_records_the_unprojected_perturbation_norm_of_each_round():
+    """delta_norms_ is the search's norm before the projection: the same whatever the radius in round 1 (the
+    model has not been trained yet), and the radius does not cap it."""
+    model, data = _cnn(), _data()
+    norms = {}
+    for radius in (0.01, 100.0):
+        method = purifiers.make("i-bau", n_rounds=2, K=1, batch_size=10, portion=1.0, delta_norm=radius,
+                                device="cpu")
+        method.purify(model, data, seed=0)
+        assert len(method.delta_norms_) == 2 and all(math.isfinite(v) for v in method.delta_norms_)
+        norms[radius] = method.delta_norms_
+    assert norms[0.01][0] == pytest.approx(norms[100.0][0]) and norms[0.01][0] > 0.01
+
+
 # ------------------------------------------------------------------------------------------ small budgets
 def test_small_budget_warns_and_is_recorded():
     model, data = _cnn(), _data(n=20)
