@@ -33,12 +33,41 @@ from joblib import Parallel, delayed
 from certkit._validation import check_choice
 from certkit.errors import InputError
 
-__all__ = ["BACKENDS", "LOCAL_CLUSTER", "check_backend", "check_n_jobs", "check_scheduler", "map_tasks"]
+__all__ = ["BACKENDS", "LOCAL_CLUSTER", "check_backend", "check_n_jobs", "check_scheduler", "keep_torch_threads",
+           "map_tasks"]
 
 #: joblib backends accepted by :func:`map_tasks`
 BACKENDS = ("loky", "multiprocessing", "threading")
 #: the ``scheduler`` value that starts a Dask LocalCluster of ``n_jobs`` worker processes
 LOCAL_CLUSTER = "local-cluster"
+
+
+@contextlib.contextmanager
+def keep_torch_threads() -> Iterator[None]:
+    """Run a parallel numba kernel and leave torch's intra-op thread count as it was.
+
+    numba's OpenMP threading layer shares the process's OpenMP runtime with torch on CPU: when the layer starts
+    (the first parallel kernel of the process, or ``numba.get_num_threads()``) after torch's thread pool is up,
+    it sets the OpenMP thread count to numba's, so a user's ``torch.set_num_threads(1)`` silently became 2
+    after a certification, and the next torch work ran up to 20x slower on a loaded machine
+    (benchmarks/README.md, "Sample-specific vs fixed sigma"). Every parallel kernel of certkit (and its
+    ``numba.get_num_threads()`` call) runs inside this context (``tests/test_parallel.py``).
+
+    >>> import torch
+    >>> before = torch.get_num_threads()
+    >>> with keep_torch_threads():
+    ...     torch.set_num_threads(before + 1)
+    >>> torch.get_num_threads() == before
+    True
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def check_n_jobs(n_jobs: Any) -> int:

@@ -51,3 +51,49 @@ def test_an_unreachable_scheduler_is_a_clear_error():
     pytest.importorskip("distributed")
     with pytest.raises(InputError, match="cannot connect to the Dask scheduler"):
         list(map_tasks(pow, TASKS, scheduler="tcp://127.0.0.1:1", timeout=1.0))
+
+
+_THREADS_SCRIPT = """
+import sys
+import numba, numpy as np, torch
+torch.set_num_threads(1)
+torch.get_num_threads()  # torch's pool is up (as after any torch work); numba's OpenMP layer is not
+from certkit.certify.radius import _cohen_certify_kernel, cohen_certify_counts
+from certkit.certify.results import CertificationResult
+from certkit.certify.storage import StorageCertifier
+one = np.ones(1)
+rng = np.random.default_rng(0)
+n = 40
+c = CertificationResult(label=rng.integers(0, 3, n), prediction=rng.integers(0, 3, n), radius=rng.random(n),
+                        p_lower=np.full(n, 0.9), sigma=np.full(n, 0.25))
+if sys.argv[1] == "bare-kernel":
+    _cohen_certify_kernel(one * 900, one * 1000, one * 0.001, one * 0.25)
+elif sys.argv[1] == "cohen":
+    cohen_certify_counts(np.array([900]), np.array([1000]), 0.001, 0.25)
+elif sys.argv[1] == "storage":
+    StorageCertifier().certify(rng.random((n, 16)), c)
+else:
+    store = StorageCertifier().certify(rng.random((n, 16)), c).store  # kernels run, threads restored
+    torch.set_num_threads(1)
+    store.predict(rng.random((5, 16)))
+    store.check_invariant()
+print(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+"""
+
+
+@pytest.mark.parametrize("call", ["cohen", "storage", "predict"])
+def test_certification_leaves_torch_thread_count_as_the_user_set_it(call):
+    """numba's OpenMP layer raised torch's thread count (1 -> numba's) on the first parallel kernel of a
+    process; every kernel of certkit runs inside keep_torch_threads. One fresh process per call, since only
+    the first kernel of a process does it; the bare kernel shows the hazard is real on this machine."""
+    import subprocess
+    import sys
+
+    def threads(what: str) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, what], capture_output=True, text=True,
+                             check=True, env={**os.environ, "NUMBA_NUM_THREADS": "2"})
+        torch_threads, numba_threads = map(int, out.stdout.split())
+        return torch_threads, numba_threads
+
+    assert threads("bare-kernel") == (2, 2)  # the hazard: the bare kernel changed torch's setting
+    assert threads(call) == (1, 2)

@@ -42,6 +42,7 @@ from certkit.certify.bounds import (
     norm_ppf,
 )
 from certkit.errors import InputError
+from certkit.parallel import keep_torch_threads
 
 __all__ = ["cohen_certify_counts", "gaussian_radius", "hoeffding_soft_radius"]
 
@@ -128,7 +129,8 @@ def cohen_certify_counts(count_a: Any, n: Any, alpha: Any, sigma: Any) -> tuple[
     if bad.any():
         i = int(np.argmax(bad))
         raise InputError(f"count_a must not exceed n, got count_a={kf[i]:g} > n={nf[i]:g}")
-    p_lower, radius, abstain = _cohen_certify_kernel(kf, nf, af, sf)
+    with keep_torch_threads():
+        p_lower, radius, abstain = _cohen_certify_kernel(kf, nf, af, sf)
     return _shaped(p_lower, shape), _shaped(radius, shape), _shaped(abstain, shape)
 
 

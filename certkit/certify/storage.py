@@ -130,6 +130,7 @@ from certkit._validation import check_seed
 from certkit.certify.results import CertificationResult
 from certkit.errors import InputError, RecordError
 from certkit.io import atomic_write_bytes
+from certkit.parallel import keep_torch_threads
 
 __all__ = ["STORE_FORMAT_VERSION", "CertifiedStore", "StorageCertifier", "StorageResult"]
 
@@ -743,7 +744,8 @@ class CertifiedStore:
         if len(self) == 0:
             best = np.full(q.shape[0], -1, dtype=np.int64)
         else:
-            best, conflict = _predict_kernel(q, self.centers, self.labels, self.radii)
+            with keep_torch_threads():
+                best, conflict = _predict_kernel(q, self.centers, self.labels, self.radii)
             scale = np.where(best >= 0, self.radii[np.maximum(best, 0)], 0.0)
             bad = conflict > 1e-9 * np.maximum(scale, 1e-300)
             if bad.any():
@@ -775,7 +777,8 @@ class CertifiedStore:
         """
         if len(self) < 2:
             return True
-        return not bool(_invariant_kernel(self.centers, self.labels, self.radii, float(rtol)).any())
+        with keep_torch_threads():
+            return not bool(_invariant_kernel(self.centers, self.labels, self.radii, float(rtol)).any())
 
     # ------------------------------------------------------------------ persistence
     def _payload(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -1019,8 +1022,9 @@ class StorageCertifier:
         c, a = _bound_margins(d, single)
         keep, up = 1.0 - _distance_rtol(d), _prune_factor(d)
         xbb = np.empty(block * d, dtype=bdtype)
-        gbuf = np.empty((max(1, numba.get_num_threads()), block * _TILE), dtype=bdtype)
-        with _single_threaded_blas():
+        with keep_torch_threads():  # numba.get_num_threads() starts numba's OpenMP layer
+            gbuf = np.empty((max(1, numba.get_num_threads()), block * _TILE), dtype=bdtype)
+        with keep_torch_threads(), _single_threaded_blas():
             k, out_pred, out_rad, covered, flags, stored_as, store_row = _storage_update_kernel(
                 flat, ordr, pred, rad, cflat, labels, radii, k0, bflat, xbb, gbuf,
                 np.array([c, a, keep, up]), block, _TILE, tie_last, _CAND_CAP)
