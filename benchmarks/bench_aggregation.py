@@ -740,9 +740,8 @@ def main() -> None:
     p.add_argument("--tiny-rate", type=float, default=0.005)
     p.add_argument("--n-jobs", type=int, default=2, help="training workers in part 3")
     args = p.parse_args()
-    # one thread for torch and numba in this process (the machine is shared; training parallelism comes from
-    # the loky workers). numba's "omp" threading layer shares the OpenMP runtime with torch, so certkit's first
-    # parallel numba kernel (bagging's Clopper-Pearson bounds) would otherwise raise torch's thread count.
+    # one thread for torch and numba in this process: certkit's kernels are compared with single-threaded
+    # loops, and the machine is shared (training parallelism comes from the loky workers).
     torch.set_num_threads(1)
     numba.set_num_threads(1)
     print(f"# certkit aggregation benchmark: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "

@@ -80,10 +80,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from numba import njit, prange
 
 from certkit._validation import check_alpha, check_choice, check_positive_int, check_seed
 from certkit.certify.bounds import clopper_pearson
 from certkit.errors import InputError
+from certkit.parallel import keep_torch_threads
 
 __all__ = [
     "BAGGING_UNIT",
@@ -130,8 +132,9 @@ CERTIFICATE_LAYOUT = {
     "bagging": "bootstrap",
 }
 _SYMMETRIC_METHODS = ("dpa", "roe", "fa", "fa-roe", "joint")
-#: elements of the largest temporary array built per chunk of test points
-_CHUNK_ELEMENTS = 1 << 22
+#: sentinels of the numba kernels (an unreachable radius; one that survives the ``- 1`` of the ROE rules)
+_INT64_MAX = np.iinfo(np.int64).max
+_BIG = np.iinfo(np.int64).max // 4
 
 
 # ======================================================================================================
@@ -238,23 +241,32 @@ def _top_two(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first, np.argmax(masked, axis=1)
 
 
-def _votes_and_counts(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Member votes ``[K, N]`` (argmax, first index on ties) and vote counts ``[N, C]``."""
+@njit(parallel=True, cache=True)
+def _votes_kernel(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     k, n, c = logits.shape
-    votes = np.argmax(logits, axis=2)
-    flat = (np.arange(n)[None, :] * c + votes).reshape(-1)
-    counts = np.bincount(flat, minlength=n * c).reshape(n, c)
+    votes = np.empty((k, n), dtype=np.int64)
+    counts = np.zeros((n, c), dtype=np.int64)
+    for i in prange(n):
+        for m in range(k):
+            best, top = 0, logits[m, i, 0]
+            for b in range(1, c):
+                if logits[m, i, b] > top:
+                    best, top = b, logits[m, i, b]
+            votes[m, i] = best
+            counts[i, best] += 1
     return votes, counts
+
+
+def _votes_and_counts(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Member votes ``[K, N]`` (argmax, first index on ties) and vote counts ``[N, C]`` (one numba pass: NumPy's
+    argmax over a short last axis was half of the FA certificate's time)."""
+    with keep_torch_threads():
+        return _votes_kernel(logits)
 
 
 def _take_class(logits: np.ndarray, cls: np.ndarray) -> np.ndarray:
     """``logits[:, i, cls[i]]`` for every point: ``[K, N]``."""
     return np.take_along_axis(logits, cls[None, :, None], axis=2)[:, :, 0]
-
-
-def _chunks(n: int, per_point: int) -> list[slice]:
-    step = max(1, _CHUNK_ELEMENTS // max(1, per_point))
-    return [slice(s, min(n, s + step)) for s in range(0, n, step)]
 
 
 # ======================================================================================================
@@ -768,6 +780,23 @@ def roe_dp_table(size: int) -> np.ndarray:
     return _dp_table(size)[:size, :size].copy()
 
 
+@njit(parallel=True, cache=True)
+def _r2_kernel(logits: np.ndarray, cp: np.ndarray) -> np.ndarray:
+    """``R2[i, c] = 2 #{members with logit[cp_i] > logit[c]} - K`` (strictly; ROE's round-2 margins)."""
+    k, n, c = logits.shape
+    r2 = np.empty((n, c), dtype=np.int64)
+    for i in prange(n):
+        p = cp[i]
+        for b in range(c):
+            r2[i, b] = -k
+        for m in range(k):
+            top = logits[m, i, p]
+            for b in range(c):
+                if top > logits[m, i, b]:
+                    r2[i, b] += 2
+    return r2
+
+
 def _ceil_half(x: np.ndarray) -> np.ndarray:
     """``ceil(max(x, 0) / 2)``: members needed to close a vote gap ``x``."""
     return (np.maximum(x, 0) + 1) // 2
@@ -831,10 +860,8 @@ def roe_certify(logits: Any, labels: Any = None, *, layout: Layout | None = None
     else:
         cert1 = np.full(n, big, dtype=np.int64)
     # CertR2
-    r2 = np.empty((n, c), dtype=np.int64)
-    for sl in _chunks(n, k * c):
-        ahead = (_take_class(arr[:, sl], cp[sl])[:, :, None] > arr[:, sl]).sum(axis=0)
-        r2[sl] = 2 * ahead - k
+    with keep_torch_threads():
+        r2 = _r2_kernel(arr, cp)
     enter = _ceil_half(counts[rows, cs][:, None] - counts + (classes > cs[:, None]))
     beat = _ceil_half(r2 + (classes > cp[:, None]))
     cert2 = np.maximum(enter, beat)
@@ -849,7 +876,8 @@ def roe_certify(logits: Any, labels: Any = None, *, layout: Layout | None = None
 # Finite Aggregation (+ ROE)
 # ======================================================================================================
 def _fa_setup(logits: Any, layout: Layout, certificate: str) -> tuple[np.ndarray, Layout, np.ndarray]:
-    """Logits in subset order and the learners ``[kd, d]`` that each hash bucket reaches."""
+    """The logits (file order) and, per hash bucket, the members ``[kd, d]`` trained on the ``d`` subsets it
+    reaches (subset ids mapped to members through the layout's member -> subset map)."""
     arr = _check_logits(logits)
     layout = check_layout(layout, certificate)
     if layout.member_subset is None:
@@ -860,47 +888,130 @@ def _fa_setup(logits: Any, layout: Layout, certificate: str) -> tuple[np.ndarray
         raise InputError(f"a finite-aggregation layout with k={layout.k}, d={layout.d} has {kd} learners, but the "
                          f"outputs hold {arr.shape[0]} members")
     order = np.argsort(np.asarray(layout.member_subset, dtype=np.int64))  # order[s] = member of subset s
-    learners = (np.arange(kd)[:, None] + np.asarray(layout.shifts, dtype=np.int64)[None, :]) % kd
-    return arr[order], layout, learners
+    subsets = (np.arange(kd)[:, None] + np.asarray(layout.shifts, dtype=np.int64)[None, :]) % kd
+    return arr, layout, order[subsets]
 
 
-def _greedy_fit(hist: np.ndarray, budget: np.ndarray) -> np.ndarray:
+@njit(cache=True)
+def _greedy_fit(hist: np.ndarray, budget: int) -> int:
     """How many buckets, taken largest damage first, fit in ``budget``: the length of the longest prefix of
-    the damages sorted in descending order whose sum is ``<= budget`` (0 where ``budget < 0``).
-
-    ``hist[..., v]`` counts the buckets of damage ``v``; ``budget`` has the shape of ``hist[..., 0]``.
-    """
-    remaining = budget.astype(np.int64, copy=True)
-    is_open = remaining >= 0
-    count = np.zeros(remaining.shape, dtype=np.int64)
-    for v in range(hist.shape[-1] - 1, 0, -1):
-        h = hist[..., v]
-        take = np.where(is_open, np.minimum(h, np.maximum(remaining, 0) // v), 0)
+    the damages sorted in descending order whose sum is ``<= budget`` (0 when ``budget < 0``). ``hist[v]``
+    counts the buckets of damage ``v``."""
+    if budget < 0:
+        return 0
+    remaining, count = budget, 0
+    for v in range(hist.shape[0] - 1, 0, -1):
+        h = hist[v]
+        take = min(h, remaining // v)
         count += take
         remaining -= take * v
-        is_open &= take == h
-    return count + np.where(is_open, hist[..., 0], 0)
+        if take < h:
+            return count
+    return count + hist[0]
 
 
-def _needed(hist: np.ndarray, gap: np.ndarray) -> np.ndarray:
-    """Fewest buckets whose largest damages reach ``gap`` (0 where ``gap <= 0``)."""
-    return np.where(gap > 0, _greedy_fit(hist, gap - 1) + 1, 0)
+@njit(cache=True)
+def _needed(hist: np.ndarray, gap: int) -> int:
+    """Fewest buckets whose largest damages reach ``gap`` (0 when ``gap <= 0``)."""
+    return 0 if gap <= 0 else _greedy_fit(hist, gap - 1) + 1
 
 
-def _histogram(damage: np.ndarray, top: int) -> np.ndarray:
-    """Counts over the bucket axis 0 of each damage value ``0..top``: shape ``damage.shape[1:] + (top+1,)``."""
-    return np.stack([(damage == v).sum(axis=0) for v in range(top + 1)], axis=-1)
+@njit(cache=True)
+def _bucket_votes(votes: np.ndarray, learners: np.ndarray, i: int, out: np.ndarray) -> None:
+    """``out[h, b]``: votes for class ``b`` among bucket ``h``'s learners at point ``i``."""
+    out[:] = 0
+    for h in range(learners.shape[0]):
+        for j in range(learners.shape[1]):
+            out[h, votes[learners[h, j], i]] += 1
 
 
-def _needed_round1(counts: np.ndarray, owner: np.ndarray, own: np.ndarray, bucket_votes: np.ndarray,
-                   d: int) -> np.ndarray:
-    """``N(owner -> b)`` for every class ``b`` (``[m, C]``): fewest buckets after which ``b`` beats ``owner``
-    in round 1. ``own[h, i]`` / ``bucket_votes[h, i, b]``: votes for ``owner`` / ``b`` among bucket ``h``'s
-    learners at point ``i``."""
-    m, c = counts.shape
-    classes = np.arange(c)[None, :]
-    gap = counts[np.arange(m), owner][:, None] - counts + (classes > owner[:, None])
-    return _needed(_histogram(d + own[..., None] - bucket_votes, 2 * d), gap)
+@njit(cache=True)
+def _needed_round1(bv: np.ndarray, counts: np.ndarray, i: int, owner: int, b: int, d: int,
+                   hist: np.ndarray) -> int:
+    """``N(owner -> b)``: fewest buckets after which ``b`` beats ``owner`` in round 1 (gap ``n_owner - n_b +
+    1[b > owner]``, bucket damage ``d + votes for owner - votes for b``, in ``0..2d``)."""
+    hist[:] = 0
+    for h in range(bv.shape[0]):
+        hist[d + bv[h, owner] - bv[h, b]] += 1
+    return _needed(hist, counts[i, owner] - counts[i, b] + (1 if b > owner else 0))
+
+
+@njit(parallel=True, cache=True)
+def _fa_kernel(votes: np.ndarray, learners: np.ndarray, counts: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """FA radius per point (:func:`fa_certify`): for every rival the greedy bucket count over the damage
+    histogram, the minimum over rivals."""
+    kd, d = learners.shape
+    n, c = counts.shape
+    radius = np.empty(n, dtype=np.int64)
+    for i in prange(n):
+        bv = np.empty((kd, c), dtype=np.int64)
+        hist = np.zeros(2 * d + 1, dtype=np.int64)
+        _bucket_votes(votes, learners, i, bv)
+        p = pred[i]
+        best = _INT64_MAX
+        for b in range(c):
+            if b == p:
+                continue
+            hist[:] = 0
+            for h in range(kd):
+                hist[d + bv[h, p] - bv[h, b]] += 1
+            fit = _greedy_fit(hist, counts[i, p] - counts[i, b] - (1 if b < p else 0))
+            best = min(best, fit)
+        radius[i] = best
+    return radius
+
+
+@njit(parallel=True, cache=True)
+def _fa_roe_kernel(logits: np.ndarray, votes: np.ndarray, learners: np.ndarray, counts: np.ndarray,
+                   cp: np.ndarray, cs: np.ndarray) -> np.ndarray:
+    """FA+ROE radius per point (:func:`fa_roe_certify`)."""
+    kd, d = learners.shape
+    n, c = counts.shape
+    radius = np.empty(n, dtype=np.int64)
+    for i in prange(n):
+        bv = np.empty((kd, c), dtype=np.int64)
+        hist2 = np.zeros(2 * d + 1, dtype=np.int64)
+        hist3 = np.zeros(3 * d + 1, dtype=np.int64)
+        n_p = np.empty(c, dtype=np.int64)
+        ahead = np.zeros(kd, dtype=np.int64)
+        _bucket_votes(votes, learners, i, bv)
+        p, s = cp[i], cs[i]
+        for b in range(c):
+            n_p[b] = _needed_round1(bv, counts, i, p, b, d, hist2)
+        # CertR1: knock c_p out of the final (a lower bound: each term is necessary)
+        cert1 = _BIG
+        for c1 in range(c):
+            for c2 in range(c1):
+                if c1 == p or c2 == p:
+                    continue
+                hist3[:] = 0
+                for h in range(kd):
+                    hist3[d + 2 * bv[h, p] - bv[h, c1] - bv[h, c2]] += 1
+                gap = (2 * counts[i, p] - counts[i, c1] - counts[i, c2] + (1 if c1 > p else 0)
+                       + (1 if c2 > p else 0))
+                cand = max(max(n_p[c1], n_p[c2]), _needed(hist3, gap))
+                cert1 = min(cert1, cand)
+        # CertR2: bring c into the final (N(c_s -> c)) and make it win the run-off (N2(c))
+        cert2 = _BIG
+        for b in range(c):
+            if b == p:
+                continue
+            r2 = 0
+            for lrn in range(kd):
+                ahead[lrn] = 1 if logits[lrn, i, p] > logits[lrn, i, b] else 0
+                r2 += ahead[lrn]
+            r2 = 2 * r2 - kd
+            hist2[:] = 0
+            for h in range(kd):
+                k_ahead = 0
+                for j in range(d):
+                    k_ahead += ahead[learners[h, j]]
+                hist2[2 * k_ahead] += 1
+            n2 = _needed(hist2, r2 + (1 if b > p else 0))
+            n_s = _needed_round1(bv, counts, i, s, b, d, hist2)
+            cert2 = min(cert2, max(n_s, n2))
+        radius[i] = max(min(cert1, cert2) - 1, 0)
+    return radius
 
 
 def fa_certify(logits: Any, layout: Layout, labels: Any = None) -> AggregationCertificate:
@@ -926,18 +1037,8 @@ def fa_certify(logits: Any, layout: Layout, labels: Any = None) -> AggregationCe
     d = layout.d
     votes, counts = _votes_and_counts(arr)
     pred, _ = _top_two(counts)
-    rows = np.arange(n)
-    classes = np.arange(c)
-    gap = counts[rows, pred][:, None] - counts - (classes[None, :] < pred[:, None])
-    radius = np.empty(n, dtype=np.int64)
-    for sl in _chunks(n, kd * c * (d + 2)):
-        vb = votes[:, sl][learners]                       # [kd buckets, d, n]
-        onehot = (vb[..., None] == classes).sum(axis=1)   # [kd, n, C]: votes per class of each bucket's learners
-        own = np.take_along_axis(onehot, pred[sl][None, :, None], axis=2)  # [kd, n, 1]
-        damage = d + own - onehot                          # values 0..2d
-        fit = _greedy_fit(_histogram(damage, 2 * d), gap[sl])
-        fit[np.arange(fit.shape[0]), pred[sl]] = np.iinfo(np.int64).max
-        radius[sl] = fit.min(axis=1)
+    with keep_torch_threads():
+        radius = _fa_kernel(votes, learners, counts, pred)
     return AggregationCertificate("fa", pred, radius, SYMMETRIC_UNIT, label=_check_labels(labels, n, c),
                                   counts=counts, meta={"k": layout.k, "d": d, "shifts": list(layout.shifts),
                                                        "num_classes": c})
@@ -971,38 +1072,8 @@ def fa_roe_certify(logits: Any, layout: Layout, labels: Any = None) -> Aggregati
     d = layout.d
     votes, counts = _votes_and_counts(arr)
     m1, m2, cp, cs = _run_off(arr, counts)
-    classes = np.arange(c)
-    big = np.iinfo(np.int64).max // 4
-    radius = np.empty(n, dtype=np.int64)
-    for sl in _chunks(n, kd * c * (d + 3)):
-        idx = np.arange(sl.start, sl.stop)
-        cnt, p, s = counts[sl], cp[sl], cs[sl]
-        m = idx.size
-        r = np.arange(m)
-        bucket_votes = (votes[:, sl][learners][..., None] == classes).sum(axis=1)  # [kd, m, C]
-        own_p = bucket_votes[:, r, p]                                              # [kd, m]
-        own_s = bucket_votes[:, r, s]
-        n_p = _needed_round1(cnt, p, own_p, bucket_votes, d)
-        n_s = _needed_round1(cnt, s, own_s, bucket_votes, d)
-        # CertR1
-        cert1 = np.full(m, big, dtype=np.int64)
-        g_p = cnt[r, p][:, None] - cnt + (classes[None, :] > p[:, None])
-        for c1 in range(c):
-            for c2 in range(c1):
-                damage = d + 2 * own_p - bucket_votes[:, :, c1] - bucket_votes[:, :, c2]   # 0..3d
-                nsum = _needed(_histogram(damage, 3 * d), g_p[:, c1] + g_p[:, c2])
-                cand = np.maximum(np.maximum(n_p[:, c1], n_p[:, c2]), nsum)
-                cand[(p == c1) | (p == c2)] = big
-                cert1 = np.minimum(cert1, cand)
-        # CertR2
-        lp = _take_class(arr[:, sl], p)                                     # [kd learners, m]
-        ahead = lp[:, :, None] > arr[:, sl]                                 # [kd, m, C]
-        r2 = 2 * ahead.sum(axis=0) - kd
-        bucket_ahead = ahead[learners].sum(axis=1)                          # [kd buckets, m, C], 0..d
-        n2 = _needed(_histogram(2 * bucket_ahead, 2 * d), r2 + (classes[None, :] > p[:, None]))
-        cert2 = np.maximum(n_s, n2)
-        cert2[r, p] = big
-        radius[sl] = np.maximum(np.minimum(cert1, cert2.min(axis=1)) - 1, 0)
+    with keep_torch_threads():
+        radius = _fa_roe_kernel(arr, votes, learners, counts, cp, cs)
     return AggregationCertificate("fa-roe", cp, radius, SYMMETRIC_UNIT, label=_check_labels(labels, n, c),
                                   counts=counts, meta={"k": layout.k, "d": d, "shifts": list(layout.shifts),
                                                        "num_classes": c,
