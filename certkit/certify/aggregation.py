@@ -926,14 +926,21 @@ def _bucket_votes(votes: np.ndarray, learners: np.ndarray, i: int, out: np.ndarr
 
 
 @njit(cache=True)
-def _needed_round1(bv: np.ndarray, counts: np.ndarray, i: int, owner: int, b: int, d: int,
-                   hist: np.ndarray) -> int:
-    """``N(owner -> b)``: fewest buckets after which ``b`` beats ``owner`` in round 1 (gap ``n_owner - n_b +
-    1[b > owner]``, bucket damage ``d + votes for owner - votes for b``, in ``0..2d``)."""
+def _round1_damages(bv: np.ndarray, owner: int, b: int, d: int, hist: np.ndarray) -> np.ndarray:
+    """``hist``, filled with the histogram of the bucket damages against ``owner`` for rival ``b``: ``d +
+    votes for owner - votes for b`` among each bucket's learners (``0..2d``)."""
     hist[:] = 0
     for h in range(bv.shape[0]):
         hist[d + bv[h, owner] - bv[h, b]] += 1
-    return _needed(hist, counts[i, owner] - counts[i, b] + (1 if b > owner else 0))
+    return hist
+
+
+@njit(cache=True)
+def _needed_round1(bv: np.ndarray, counts: np.ndarray, i: int, owner: int, b: int, d: int,
+                   hist: np.ndarray) -> int:
+    """``N(owner -> b)``: fewest buckets after which ``b`` beats ``owner`` in round 1 (gap ``n_owner - n_b +
+    1[b > owner]``, damages :func:`_round1_damages`)."""
+    return _needed(_round1_damages(bv, owner, b, d, hist), counts[i, owner] - counts[i, b] + (1 if b > owner else 0))
 
 
 @njit(parallel=True, cache=True)
@@ -952,10 +959,7 @@ def _fa_kernel(votes: np.ndarray, learners: np.ndarray, counts: np.ndarray, pred
         for b in range(c):
             if b == p:
                 continue
-            hist[:] = 0
-            for h in range(kd):
-                hist[d + bv[h, p] - bv[h, b]] += 1
-            fit = _greedy_fit(hist, counts[i, p] - counts[i, b] - (1 if b < p else 0))
+            fit = _greedy_fit(_round1_damages(bv, p, b, d, hist), counts[i, p] - counts[i, b] - (1 if b < p else 0))
             best = min(best, fit)
         radius[i] = best
     return radius
