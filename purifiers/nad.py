@@ -21,9 +21,9 @@ from certkit.devices import module_device
 from certkit.errors import InputError
 
 from ._common import (
-    check_device,
     check_float,
     check_positive_int,
+    check_sgd_params,
 )
 from .base import Purifier, PurifierTags
 from .registry import register
@@ -174,13 +174,7 @@ class NeuralAttentionDistillation(Purifier):
             "betas": tuple(check_float(b, "betas") for b in betas),
             "p": check_float(self.p, "p", strict=True),
             "te_epochs": check_positive_int(self.te_epochs, "te_epochs"),
-            "epochs": check_positive_int(self.epochs, "epochs"),
-            "lr": check_float(self.lr, "lr", strict=True),
-            "momentum": check_float(self.momentum, "momentum", maximum=1.0 - 1e-12),
-            "weight_decay": check_float(self.weight_decay, "weight_decay"),
-            "batch_size": check_positive_int(self.batch_size, "batch_size"),
-            "device": check_device(self.device),
-            "progress": bool(self.progress),
+            **check_sgd_params(self),
         }
 
     @staticmethod

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -71,6 +70,7 @@ from certkit.runs.ensemble_train import (
 )
 from certkit.runs.models import load_run_model
 from certkit.runs.rundir import RunDirectory
+from certkit.runs.tables import curve_cells, curve_header, number_or
 
 __all__ = [
     "CERTIFICATES",
@@ -406,16 +406,12 @@ def aggregation_table(summary: dict[str, Any]) -> str:
         return ""
     radii = sorted({int(r) for row in rows for r in row["certified_accuracy"]})
     w = max([14] + [len(r["key"]) + 2 for r in rows])
-    lines = [f"{'certificate':<{w}}{'k':>5}{'clean':>7}" + "".join(f"{'@' + str(r):>7}" for r in radii)
+    lines = [f"{'certificate':<{w}}{'k':>5}{'clean':>7}" + curve_header(radii)
              + f"{'median':>8}{'ASR':>7}{'CTR':>7}{'at':>6}"]
     for r in rows:
-        acc = r["certified_accuracy"]
-        ctr = r["ctr_samples"]
         lines.append(f"{r['key']:<{w}}{(r['k'] or r['members']):>5}{r['clean_accuracy']:>7.3f}"
-                     + "".join(f"{acc[str(x)]:>7.3f}" if str(x) in acc else f"{'':>7}" for x in radii)
-                     + f"{r['median_radius']:>8g}{r['asr']:>7.3f}"
-                     + (f"{ctr:>7.3f}" if ctr is not None and not math.isnan(ctr) else f"{'n/a':>7}")
-                     + f"{r['poisoned_in_unit']:>6}")
+                     + curve_cells(r["certified_accuracy"], radii) + f"{r['median_radius']:>8g}{r['asr']:>7.3f}"
+                     + number_or(r["ctr_samples"], 7) + f"{r['poisoned_in_unit']:>6}")
     lines.append("@r: certified accuracy at r in each certificate's unit (dpa/roe/fa/joint: inserted + deleted "
                  "samples, a modified sample counts 2; bagging: modified samples, probabilistic); CTR: non-target "
                  "triggered inputs predicted correctly with radius >= the attack's poisoned count ('at', same unit).")

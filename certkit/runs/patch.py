@@ -43,6 +43,7 @@ from certkit.errors import InputError
 from certkit.runs.models import build_model_from_spec
 from certkit.runs.rundir import RunDirectory
 from certkit.runs.single import RUN_KIND, TrainConfig
+from certkit.runs.tables import curve_cells, curve_header, number_or
 
 __all__ = ["CERTIFICATES", "PatchCertifyConfig", "certify_patch_run", "certify_patches", "patch_table"]
 
@@ -281,14 +282,10 @@ def patch_table(summary: dict[str, Any]) -> str:
         return ""
     sides = sorted({int(m) for r in rows for m in r["certified_accuracy"]})
     w = max([24] + [len(r["model"]) + 2 for r in rows])
-    lines = [f"{'model':<{w}}{'certificate':>18}{'clean':>7}" + "".join(f"{'@' + str(m):>7}" for m in sides)
-             + f"{'ASR':>7}{'patch CTR':>11}"]
+    lines = [f"{'model':<{w}}{'certificate':>18}{'clean':>7}" + curve_header(sides) + f"{'ASR':>7}{'patch CTR':>11}"]
     for r in rows:
-        acc = r["certified_accuracy"]
-        ctr = r["patch_ctr"]
         lines.append(f"{r['model']:<{w}}{r['certificate']:>18}{r['clean_accuracy']:>7.3f}"
-                     + "".join(f"{acc[str(m)]:>7.3f}" if str(m) in acc else f"{'':>7}" for m in sides)
-                     + f"{r['asr']:>7.3f}" + (f"{ctr:>11.3f}" if ctr is not None else f"{'n/a':>11}"))
+                     + curve_cells(r["certified_accuracy"], sides) + f"{r['asr']:>7.3f}" + number_or(r["patch_ctr"], 11))
     lines.append("@m: certified accuracy against any patch of side <= m (pixels; deterministic, exact for these "
                  "points); patch CTR: non-target triggered inputs predicted correctly and certified at a side "
                  ">= the trigger's (n/a for a global trigger).")
