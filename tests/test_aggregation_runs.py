@@ -3,6 +3,7 @@ report, and the bad input of issue 13 (one line, nothing written)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -90,6 +91,27 @@ def test_finite_aggregation_puts_every_sample_in_d_subsets_and_bootstrap_is_seed
     assert all(np.array_equal(a, b) for a, b in zip(b1.indices, b2.indices))
     assert not all(np.array_equal(a, b) for a, b in zip(b1.indices, b3.indices))
     assert b1.layout.n_train == 80 and b1.layout.bootstrap_size == 30 and b1.layout.num_draws == 4
+
+
+def test_a_worker_computes_the_member_layout_once_per_training_set(monkeypatch):
+    import certkit.runs.ensemble_train as et
+
+    calls = []
+    real = et.member_layout
+    monkeypatch.setattr(et, "member_layout", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(et, "_LAYOUT_CACHE", [])
+    spec = EnsembleSpec(layout="partition", k=4, epochs=1)
+    data = et.prepare_data(spec)
+    first = et.ensemble_layout(spec, data)
+    assert et.ensemble_layout(spec, data) is first and len(calls) == 1      # every member of a worker: once
+    other = EnsembleSpec(layout="partition", k=5, epochs=1)
+    assert len(et.ensemble_layout(other, data).indices) == 5 and len(calls) == 2   # another k: recomputed
+    train = data.poisoned.dataset
+    other_data = dataclasses.replace(data, poisoned=dataclasses.replace(
+        data.poisoned, dataset=ArrayDataset(train.x.flip(0), train.y.flip(0), data.num_classes)))
+    assert et.ensemble_layout(spec, other_data) is not first and len(calls) == 3    # another training set
+    fresh = real("partition", train, k=4)
+    assert all(np.array_equal(a, b) for a, b in zip(first.indices, fresh.indices))
 
 
 def test_an_empty_partition_and_a_too_large_k_are_named():

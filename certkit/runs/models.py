@@ -16,12 +16,14 @@ from torch import nn
 from certkit._validation import check_choice, check_positive_int
 from certkit.backdoor.models import build_model, model_from_spec
 from certkit.backdoor.prepare import PreparedData
-from certkit.certify.patch import KINDS, AblatedModel, ablation_input_channels
+from certkit.backdoor.training import TrainingHistory, train_model
+from certkit.certify.patch import KINDS, AblatedModel, ablation_input_channels, ablation_train_transform
 from certkit.errors import InputError
 from certkit.runs.rundir import RunDirectory
 from purifiers.npd import NeuralPolarizer, Polarized
 
-__all__ = ["NOISE_SUFFIX", "PURIFIED_PREFIX", "ablated_model_name", "build_ablated_model", "build_model_from_spec", "load_run_model", "purified_noise_sigmas", "purified_spec"]
+__all__ = ["NOISE_SUFFIX", "PURIFIED_PREFIX", "ablated_model_name", "build_ablated_model", "build_model_from_spec",
+           "load_run_model", "purified_noise_sigmas", "purified_spec", "train_ablated_model"]
 
 PURIFIED_PREFIX = "purified-"
 
@@ -150,3 +152,18 @@ def build_ablated_model(model: str, data: PreparedData, kind: str, band: int) ->
     wrapped = AblatedModel(base, channels=c)
     wrapped.certkit_spec = {**base.certkit_spec, "ablation": {"kind": kind, "band": band, "channels": c}}
     return wrapped
+
+
+def train_ablated_model(model: str, data: PreparedData, kind: str, band: int, *, epochs: int, lr: float,
+                        batch_size: int, seed: int, device: Any = "auto", progress: bool = False,
+                        desc: str = "train") -> tuple[AblatedModel, TrainingHistory]:
+    """A de-randomized smoothing base model (:func:`build_ablated_model`, initialised from ``seed`` without
+    touching the caller's RNG) trained on ``data``'s poisoned training set with one seeded random band (block)
+    of side ``band`` kept per batch (Levine and Feizi, NeurIPS 2020); returns it with its training history."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        wrapped = build_ablated_model(model, data, kind, band)
+    history = train_model(wrapped, data.poisoned.dataset, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                          device=device, progress=progress, desc=desc,
+                          input_transform=ablation_train_transform(kind, band, seed))
+    return wrapped, history

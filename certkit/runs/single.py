@@ -43,7 +43,7 @@ from certkit.certify.metrics import (
     simultaneous_asr_bound,
 )
 from certkit.certify.patch import KINDS as ABLATIONS
-from certkit.certify.patch import ablation_train_transform, derandomized_certify
+from certkit.certify.patch import derandomized_certify
 from certkit.certify.results import CertificationResult
 from certkit.certify.sigma import SigmaResult, optimize_sigma
 from certkit.certify.smoothing import RandomizedSmoothing
@@ -67,6 +67,7 @@ from certkit.runs.models import (
     build_ablated_model,
     build_model_from_spec,
     purified_noise_sigmas,
+    train_ablated_model,
 )
 from certkit.runs.plots import plot_certified_rows
 from certkit.runs.rundir import RunDirectory
@@ -453,12 +454,10 @@ def _train_ablated(run: RunDirectory, cfg: TrainConfig, exp: PreparedData, *, de
         model = run.load_model(name, builder=build_model_from_spec)
         log(f"[train] {name}: checkpoint verified, not retrained")
     else:
-        torch.manual_seed(cfg.seed)
-        model = build_ablated_model(cfg.model, exp, cfg.ablation, cfg.band)
         t0 = time.perf_counter()
-        history = train_model(model, exp.poisoned.dataset, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                              seed=cfg.seed, device=device, progress=progress, desc=f"train {name}",
-                              input_transform=ablation_train_transform(cfg.ablation, cfg.band, cfg.seed))
+        model, history = train_ablated_model(cfg.model, exp, cfg.ablation, cfg.band, epochs=cfg.epochs, lr=cfg.lr,
+                                             batch_size=cfg.batch_size, seed=cfg.seed, device=device,
+                                             progress=progress, desc=f"train {name}")
         run.save_model(name, model, model.certkit_spec, step=f"train/{name}", seconds=time.perf_counter() - t0,
                        final_loss=history.loss[-1] if history.loss else None)
     kw = dict(kind=cfg.ablation, band=cfg.band, device=device)

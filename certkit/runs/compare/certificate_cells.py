@@ -27,9 +27,7 @@ import numpy as np
 import torch
 
 from certkit.backdoor.metrics import defense_effectiveness_rating
-from certkit.backdoor.training import train_model
 from certkit.certify.patch import (
-    ablation_train_transform,
     derandomized_certify,
     patch_trigger_robustness,
     patchcleanser_certify,
@@ -38,7 +36,7 @@ from certkit.errors import InputError
 from certkit.runs.aggregation import AggregationCertifyConfig, certify_aggregation
 from certkit.runs.compare.spec import CompareSpec
 from certkit.runs.ensemble_train import EnsembleSpec, train_ensemble
-from certkit.runs.models import build_ablated_model, load_run_model
+from certkit.runs.models import load_run_model, train_ablated_model
 from certkit.runs.rundir import RunDirectory
 
 __all__ = ["ABLATION_CELLS", "AGGREGATION_CELLS", "ablation_cell", "aggregation_cell", "patchcleanser_columns"]
@@ -92,12 +90,8 @@ def ablation_cell(spec: CompareSpec, cell: Mapping[str, Any], run: RunDirectory,
     if run.has_model(name):
         model = load_run_model(run, name)
     else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
-            model = build_ablated_model(spec.model, data.prepared, kind, band)
-        train_model(model, data.poisoned.dataset, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
-                    seed=spec.seed, device=device, progress=False, desc=f"train {name}",
-                    input_transform=ablation_train_transform(kind, band, spec.seed))
+        model, _ = train_ablated_model(spec.model, data.prepared, kind, band, epochs=spec.epochs, lr=spec.lr,
+                                       batch_size=spec.batch_size, seed=spec.seed, device=device, desc=f"train {name}")
         run.save_model(name, model.cpu(), model.certkit_spec)
     test, keep, trig = data.splits.test, data.keep, data.triggered
     keep_t = np.flatnonzero(np.isin(np.asarray(trig.indices), keep))
