@@ -438,6 +438,11 @@ class FCTBackdoorRemoval(Purifier):
     * FCT features are the input of the classification head (found by structure); the official code runs
       every child module but the last, the same layer for its ResNet-18.
 
+    Where it fails: on digits Blended the method's premise is inverted, poisoned samples' features move *less*
+    under tau than clean ones (AUROC of the score 0.23-0.32, D_p precision 0.02; ``degrees=30`` 0.28-0.41),
+    so D-BR unlearns clean samples and the ASR stays at 0.97-0.99 (``benchmarks/digits_failures.py``). Check
+    the split's diagnostic (``split_.diagnostic``, stored by runs) before trusting a result.
+
     Args:
         sd_epochs, intra_epochs, sd_lr: SD model: cross-entropy epochs without augmentation (official 2; on
             8x8 digits 2 epochs leave the model constant, use ~10), then intra-class fine-tune epochs
