@@ -440,8 +440,9 @@ class FCTBackdoorRemoval(Purifier):
 
     Where it fails: on digits Blended the method's premise is inverted, poisoned samples' features move *less*
     under tau than clean ones (AUROC of the score 0.23-0.32, D_p precision 0.02; ``degrees=30`` 0.28-0.41),
-    so D-BR unlearns clean samples and the ASR stays at 0.97-0.99 (``benchmarks/digits_failures.py``). Check
-    the split's diagnostic (``split_.diagnostic``, stored by runs) before trusting a result.
+    so D-BR unlearns clean samples and the ASR stays at 0.97-0.99 (``benchmarks/digits_failures.py``). In an
+    evaluation with known poison indices the split's diagnostic (``split_.diagnostic``, stored by runs) shows
+    such a failure; a deployed defender has no such check.
 
     Args:
         sd_epochs, intra_epochs, sd_lr: SD model: cross-entropy epochs without augmentation (official 2; on
