@@ -15,10 +15,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from certkit.devices import module_device
 from certkit.errors import InputError
+from certkit.progress import bar as progress_bar
 
 from ._common import (
     check_device,
@@ -113,7 +113,7 @@ class ImplicitBackdoorAdversarialUnlearning(Purifier):
         inner_lr_delta: SGD lr of the perturbation (> 0). delta_reg: weight of ``||delta||^2`` (>= 0).
         delta_norm: L2 radius of the perturbation (> 0) or None (scaled, see above). lr: Adam lr of the model (> 0).
         portion: fraction of each batch perturbed in the outer loss (in [0, 1]). batch_size: (>= 1).
-        device: ``"auto" | "cpu" | "cuda"``. progress: tqdm bar over rounds.
+        device: ``"auto" | "cpu" | "cuda"``. progress: a bar over the perturbation steps and outer updates.
     """
 
     name = "i-bau"
@@ -160,6 +160,8 @@ class ImplicitBackdoorAdversarialUnlearning(Purifier):
         reg = p["delta_reg"]
         radius = p["delta_norm"] if p["delta_norm"] is not None else 10.0 * math.sqrt(clean_data.x[0].numel() / _REF_DIM)
         rng_devices = [dev] if dev.type == "cuda" else []
+        # one unit per perturbation step and per outer update: two passes over the batches a round
+        bar = progress_bar(p["n_rounds"] * 2 * math.ceil(n / bs), "i-bau", enabled=p["progress"])
         model.to(dev).eval()
         try:
             with torch.random.fork_rng(devices=rng_devices):
@@ -167,9 +169,7 @@ class ImplicitBackdoorAdversarialUnlearning(Purifier):
                 gen = torch.Generator().manual_seed(seed)
                 outer_opt = torch.optim.Adam(params, lr=p["lr"])
                 self.delta_norms_: list[float] = []
-                bar = tqdm(range(p["n_rounds"]), desc="i-bau", disable=not p["progress"], leave=False,
-                           dynamic_ncols=True)
-                for rnd in bar:
+                for rnd in range(p["n_rounds"]):
                     perm = torch.randperm(n, generator=gen)
                     batches = [perm[s : s + bs] for s in range(0, n, bs)]
                     # (1) universal perturbation, one pass
@@ -185,6 +185,7 @@ class ImplicitBackdoorAdversarialUnlearning(Purifier):
                         delta_opt.zero_grad(set_to_none=True)
                         loss.backward()
                         delta_opt.step()
+                        bar.update(1)
                     with torch.no_grad():
                         norm = float(delta.norm())
                         pert = delta.detach() * min(1.0, radius / max(norm, 1e-12))
@@ -214,8 +215,10 @@ class ImplicitBackdoorAdversarialUnlearning(Purifier):
                         for q, g in zip(params, grads):
                             q.grad = g.detach()
                         outer_opt.step()
-                    bar.set_postfix(delta_norm=f"{float(pert.norm()):.3f}")
+                        bar.update(1)
+                    bar.set_postfix(round=f"{rnd + 1}/{p['n_rounds']}", delta_norm=f"{norm:.3f}")
         finally:
+            bar.close()
             for q in params:
                 q.grad = None
             model.eval()

@@ -25,6 +25,8 @@ from certkit.backdoor.attacks import BADNETS_LOCATIONS
 from certkit.backdoor.data import ArrayDataset
 from certkit.devices import module_device
 from certkit.errors import InputError
+from certkit.progress import bar as progress_bar
+from certkit.progress import batches
 from certkit.seeding import derive_seed
 
 from ._common import check_device, check_float, check_inputs, check_positive_int
@@ -393,27 +395,27 @@ class Mesa(Purifier):
         h, w = data.x.shape[2:]
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(derive_seed(seed, _TAG_REPAIR, self.target_, 1))  # dropout, if the model has any
-            bar = tqdm(range(p["repair_epochs"]), desc="mesa repair", disable=not p["progress"], leave=False,
-                       dynamic_ncols=True)
-            for epoch in bar:
-                generator = generators[epoch % len(generators)]
-                perm = torch.randperm(n, generator=rng)
-                for start in range(0, n, bs):
-                    idx = perm[start : start + bs]
-                    xb, yb = data.x[idx].to(dev), data.y[idx].to(dev)
-                    row, col = _location(h, w, k, rng, p["location"])
-                    with torch.no_grad():
-                        trig = generator(_uniform_z(len(idx), rng, dev))
-                    chosen = (torch.rand(len(idx), generator=rng) < p["stamp_ratio"]).to(dev)
-                    xb = torch.where(chosen[:, None, None, None], stamp(xb, trig, row, col), xb)
-                    model.train()
-                    loss = F.cross_entropy(model(xb), yb)
-                    if not bool(torch.isfinite(loss)):
-                        raise InputError(f"mesa repair diverged at epoch {epoch + 1} (repair_lr={p['repair_lr']:g}); "
-                                         "try a smaller repair_lr")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+            with progress_bar(p["repair_epochs"] * batches(n, bs), "mesa repair", enabled=p["progress"]) as bar:
+                for epoch in range(p["repair_epochs"]):
+                    generator = generators[epoch % len(generators)]
+                    perm = torch.randperm(n, generator=rng)
+                    for start in range(0, n, bs):
+                        idx = perm[start : start + bs]
+                        xb, yb = data.x[idx].to(dev), data.y[idx].to(dev)
+                        row, col = _location(h, w, k, rng, p["location"])
+                        with torch.no_grad():
+                            trig = generator(_uniform_z(len(idx), rng, dev))
+                        chosen = (torch.rand(len(idx), generator=rng) < p["stamp_ratio"]).to(dev)
+                        xb = torch.where(chosen[:, None, None, None], stamp(xb, trig, row, col), xb)
+                        model.train()
+                        loss = F.cross_entropy(model(xb), yb)
+                        if not bool(torch.isfinite(loss)):
+                            raise InputError(f"mesa repair diverged at epoch {epoch + 1} "
+                                             f"(repair_lr={p['repair_lr']:g}); try a smaller repair_lr")
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        bar.update(1)
 
     # ------------------------------------------------------------------------------------------ the method
     def purify(self, model: nn.Module, clean_data: Any = None, *, validation: Any = None, seed: int | None = None,

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from certkit.devices import module_device
 from certkit.errors import InputError
+from certkit.progress import bar as progress_bar
+from certkit.progress import batches
 
 from ._common import (
     check_float,
@@ -184,23 +185,24 @@ class NeuralAttentionDistillation(Purifier):
                               momentum=p["momentum"], weight_decay=p["weight_decay"])
         n, bs = len(data), p["batch_size"]
         model.train()
-        bar = tqdm(range(epochs), desc=desc, disable=not p["progress"], leave=False, dynamic_ncols=True)
-        for epoch in bar:
-            perm = torch.randperm(n, generator=gen)
-            total = 0.0
-            for start in range(0, n, bs):
-                idx = perm[start : start + bs]
-                x, y = data.x[idx].to(dev), data.y[idx].to(dev)
-                loss = F.cross_entropy(model(x), y)
-                if extra is not None:
-                    loss = loss + extra(x)
-                if not math.isfinite(float(loss.detach())):
-                    raise InputError(f"NAD ({desc}) diverged at epoch {epoch + 1}; try a smaller lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(idx)
-            bar.set_postfix(loss=f"{total / n:.4f}")
+        with progress_bar(epochs * batches(n, bs), desc, enabled=p["progress"]) as bar:
+            for epoch in range(epochs):
+                perm = torch.randperm(n, generator=gen)
+                total = 0.0
+                for start in range(0, n, bs):
+                    idx = perm[start : start + bs]
+                    x, y = data.x[idx].to(dev), data.y[idx].to(dev)
+                    loss = F.cross_entropy(model(x), y)
+                    if extra is not None:
+                        loss = loss + extra(x)
+                    if not math.isfinite(float(loss.detach())):
+                        raise InputError(f"NAD ({desc}) diverged at epoch {epoch + 1}; try a smaller lr")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += float(loss.detach()) * len(idx)
+                    bar.update(1)
+                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{total / n:.4f}")
         model.eval()
 
     def _purify(self, model: nn.Module, clean_data: Any, *, validation: Any, seed: int | None) -> nn.Module:

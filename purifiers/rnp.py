@@ -13,10 +13,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from certkit.devices import module_device
 from certkit.errors import InputError
+from certkit.progress import bar as progress_bar
+from certkit.progress import batches
 
 from ._common import (
     _num_classes_of,
@@ -195,30 +196,32 @@ class ReconstructiveNeuronPruning(Purifier):
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[10, 20], gamma=0.1)
         model.train()
         n = len(data)
-        bar = tqdm(range(p["unlearn_epochs"]), desc="rnp unlearn", disable=not p["progress"], leave=False)
         epochs = 0
-        for epoch in bar:
-            perm = torch.randperm(n, generator=gen)
-            correct = 0
-            for start in range(0, n, p["batch_size"]):
-                idx = perm[start:start + p["batch_size"]]
-                xb, yb = data.x[idx].to(dev), data.y[idx].to(dev)
-                out = model(xb)
-                loss = -F.cross_entropy(out, yb)
-                if not bool(torch.isfinite(loss)):
-                    raise InputError(f"rnp unlearning diverged at epoch {epoch + 1} "
-                                     f"(unlearn_lr={p['unlearn_lr']:g}); try a smaller unlearn_lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), p["max_grad_norm"])
-                opt.step()
-                correct += int((out.detach().argmax(1) == yb).sum())
-            sched.step()
-            epochs += 1
-            acc = correct / n
-            bar.set_postfix(acc=f"{acc:.3f}")
-            if acc < p["clean_threshold"]:
-                break
+        with progress_bar(p["unlearn_epochs"] * batches(n, p["batch_size"]), "rnp unlearn (at most)",
+                          enabled=p["progress"]) as bar:
+            for epoch in range(p["unlearn_epochs"]):
+                perm = torch.randperm(n, generator=gen)
+                correct = 0
+                for start in range(0, n, p["batch_size"]):
+                    idx = perm[start:start + p["batch_size"]]
+                    xb, yb = data.x[idx].to(dev), data.y[idx].to(dev)
+                    out = model(xb)
+                    loss = -F.cross_entropy(out, yb)
+                    if not bool(torch.isfinite(loss)):
+                        raise InputError(f"rnp unlearning diverged at epoch {epoch + 1} "
+                                         f"(unlearn_lr={p['unlearn_lr']:g}); try a smaller unlearn_lr")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), p["max_grad_norm"])
+                    opt.step()
+                    correct += int((out.detach().argmax(1) == yb).sum())
+                    bar.update(1)
+                sched.step()
+                epochs += 1
+                acc = correct / n
+                bar.set_postfix(epoch=epoch + 1, acc=f"{acc:.3f}")
+                if acc < p["clean_threshold"]:
+                    break
         return epochs
 
     def _learn_masks(self, model: nn.Module, data: Any, p: dict[str, Any], gen: torch.Generator,
@@ -233,22 +236,24 @@ class ReconstructiveNeuronPruning(Purifier):
         model.train()
         n = len(data)
         try:
-            bar = tqdm(range(p["mask_epochs"]), desc="rnp recover", disable=not p["progress"], leave=False)
-            for epoch in bar:
-                perm = torch.randperm(n, generator=gen)
-                for start in range(0, n, p["batch_size"]):
-                    idx = perm[start:start + p["batch_size"]]
-                    xb, yb = data.x[idx].to(dev), data.y[idx].to(dev)
-                    loss = p["alpha"] * F.cross_entropy(model(xb), yb)
-                    if not bool(torch.isfinite(loss)):
-                        raise InputError(f"rnp mask learning diverged at epoch {epoch + 1} "
-                                         f"(mask_lr={p['mask_lr']:g}); try a smaller mask_lr")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    with torch.no_grad():
-                        for m in masks.values():
-                            m.clamp_(0.0, 1.0)
+            with progress_bar(p["mask_epochs"] * batches(n, p["batch_size"]), "rnp recover",
+                              enabled=p["progress"]) as bar:
+                for epoch in range(p["mask_epochs"]):
+                    perm = torch.randperm(n, generator=gen)
+                    for start in range(0, n, p["batch_size"]):
+                        idx = perm[start:start + p["batch_size"]]
+                        xb, yb = data.x[idx].to(dev), data.y[idx].to(dev)
+                        loss = p["alpha"] * F.cross_entropy(model(xb), yb)
+                        if not bool(torch.isfinite(loss)):
+                            raise InputError(f"rnp mask learning diverged at epoch {epoch + 1} "
+                                             f"(mask_lr={p['mask_lr']:g}); try a smaller mask_lr")
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        with torch.no_grad():
+                            for m in masks.values():
+                                m.clamp_(0.0, 1.0)
+                        bar.update(1)
         finally:
             for h in handles:
                 h.remove()

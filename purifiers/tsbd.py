@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 
 from certkit.devices import module_device
 from certkit.errors import InputError
+from certkit.progress import bar as progress_bar
+from certkit.progress import batches
 
 from ._common import (
     check_device,
@@ -355,15 +357,16 @@ class TwoStageBackdoorDefense(Purifier):
         torch.manual_seed(seed)
         bs, n = p["batch_size"], len(data)
         model.train()
-        bar = tqdm(range(p["ft_epochs"]), desc=desc, disable=not p["progress"], leave=False, dynamic_ncols=True)
-        for _ in bar:
-            perm = torch.randperm(n, generator=gen)
-            total = 0.0
-            for s in range(0, n, bs):
-                idx = perm[s : s + bs]
-                x, y = data.x[idx].to(dev), data.y[idx].to(dev)
-                total += regulated_step(model, params, x, y, opt, p["r"], p["alpha"], data.num_classes) * len(idx)
-            bar.set_postfix(loss=f"{total / n:.4f}")
+        with progress_bar(p["ft_epochs"] * batches(n, bs), desc, enabled=p["progress"]) as bar:
+            for epoch in range(p["ft_epochs"]):
+                perm = torch.randperm(n, generator=gen)
+                total = 0.0
+                for s in range(0, n, bs):
+                    idx = perm[s : s + bs]
+                    x, y = data.x[idx].to(dev), data.y[idx].to(dev)
+                    total += regulated_step(model, params, x, y, opt, p["r"], p["alpha"], data.num_classes) * len(idx)
+                    bar.update(1)
+                bar.set_postfix(epoch=f"{epoch + 1}/{p['ft_epochs']}", loss=f"{total / n:.4f}")
         model.eval()
 
     # ------------------------------------------------------------------------------------------ purify

@@ -115,6 +115,58 @@ def test_training_progress_advances_per_batch(capsys):
     assert "/12 " in err or "/12[" in err  # total = 3 epochs x 4 batches
 
 
+class _RecordingBar:
+    """Stands in for certkit.progress.bar: records the total and the updates of every bar a purifier opens."""
+
+    opened: list = []
+
+    def __init__(self, total, desc, *, enabled=True, unit="batch", leave=False):
+        self.total, self.desc, self.updates, self.closed = total, desc, 0, False
+        _RecordingBar.opened.append(self)
+
+    def update(self, k=1):
+        self.updates += k
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@pytest.mark.parametrize("name, params, full", [
+    ("nad", dict(te_epochs=2, epochs=2, batch_size=32), True),
+    ("i-bau", dict(n_rounds=2, K=1, batch_size=32), True),
+    ("mesa", dict(target=0, epochs=1, repair_epochs=2, batch_size=32, hidden=16), True),
+    ("tsbd", dict(n=0.1, lr_unlearn=1e-2, ft_epochs=2, batch_size=32), True),
+    ("rnp", dict(unlearn_epochs=3, mask_epochs=2, batch_size=32), False),   # unlearning may stop early
+])
+def test_purifier_bars_advance_per_batch(name, params, full, monkeypatch):
+    """Each training loop of these purifiers advances its bar once per mini-batch (total = epochs x batches),
+    so a long epoch never looks frozen."""
+    module = inspect.getmodule(type(purifiers.make(name)))
+    monkeypatch.setattr(module, "progress_bar", _RecordingBar)
+    _RecordingBar.opened = []
+    torch.manual_seed(0)
+    kind = "digits-bn-cnn" if name == "rnp" else "digits-cnn"
+    model = build_model(kind, num_classes=10, input_shape=(1, 8, 8))
+    data = load_digits().train.subset(np.arange(100))
+    purifiers.make(name, **params, device="cpu", progress=True).purify(model, data, seed=0)
+    assert _RecordingBar.opened and all(b.closed for b in _RecordingBar.opened)
+    for b in _RecordingBar.opened:
+        assert b.total >= 4, (b.desc, b.total)  # at least 2 epochs (rounds) x 2 batches of 32 of ~80 images
+        if full or "unlearn" not in b.desc:
+            assert b.updates == b.total, (b.desc, b.updates, b.total)
+        else:
+            assert 0 < b.updates <= b.total, (b.desc, b.updates, b.total)
+
+
 # ------------------------------------------------------------------------------------------ --fast
 def test_fast_purification_is_labelled_a_smoke_test(run_dir, capsys):
     assert main(["purify", str(run_dir), "--method", "ft", "--fast", *CPU, "--no-progress"]) == 0
