@@ -142,6 +142,13 @@ class AdversarialNeuronPruning(Purifier):
         self.device = device
         self.progress = progress
 
+    def work(self, n: int, num_classes: int) -> tuple[float, str]:
+        """``n_iters`` mini-batches, each ``noise_steps`` perturbation steps and the mask update (a perturbed
+        and a clean forward, one backward: about 4/3 of a pass), in units of passes over ``n`` samples."""
+        per_batch = min(self.batch_size, n) / max(n, 1)
+        return self.n_iters * per_batch * (self.noise_steps + 4 / 3), (
+            f"{self.n_iters} iterations of {min(self.batch_size, n)} x ({self.noise_steps} noise steps + mask update)")
+
     def _validate(self) -> dict[str, Any]:
         thr = self.threshold
         if isinstance(thr, str):

@@ -168,6 +168,14 @@ class Purifier(ABC):
                              "unchanged; try a smaller learning rate")
         return purified
 
+    def work(self, n: int, num_classes: int) -> tuple[float, str] | None:
+        """About how many passes (every sample forward and backward once) this configuration's main loops make
+        over ``n`` samples (the clean set; the training set for ``needs_training_set`` methods), and their
+        breakdown in words: the budget line of ``certkit purify``. None when the method trains nothing (CLP) or
+        its cost depends on the data (a subclass without a formula). Forward-only evaluations are not counted;
+        loops that stop early count at their cap."""
+        return None
+
     def _check_training_data(self, train_data: Any) -> None:
         """Method-specific checks of the training set (``needs_training_set``), before any work or warning."""
         return None

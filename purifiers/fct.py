@@ -500,6 +500,13 @@ class FCTBackdoorRemoval(Purifier):
         self.device = device
         self.progress = progress
 
+    def work(self, n: int, num_classes: int) -> tuple[float, str]:
+        """Over the poisoned training set: the SD model's epochs, then per BR epoch one pass over D_p and D_c
+        (``alpha_p + alpha_c`` of it, less the held-out share); the scoring's forward passes are not counted."""
+        share = (self.alpha_c + self.alpha_p) * (1 - self.holdout)
+        return (self.sd_epochs + self.intra_epochs + self.br_epochs * share,
+                f"SD {self.sd_epochs} + {self.intra_epochs} epochs, BR {self.br_epochs} epochs over D_c + D_p")
+
     def _validate(self) -> dict[str, Any]:
         p = {"sd_epochs": check_positive_int(self.sd_epochs, "sd_epochs"),
              "intra_epochs": check_positive_int(self.intra_epochs, "intra_epochs", minimum=0),

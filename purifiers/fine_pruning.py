@@ -152,6 +152,10 @@ class FinePruning(Purifier):
         self.device = device
         self.progress = progress
 
+    def work(self, n: int, num_classes: int) -> tuple[float, str]:
+        """``epochs`` passes of the fine-tune (the pruning search's forward passes are not counted)."""
+        return float(self.epochs), f"{self.epochs} fine-tune epochs after the pruning search"
+
     def _validate(self) -> dict[str, Any]:
         return {
             "step": check_float(self.step, "step", strict=True, maximum=1.0),

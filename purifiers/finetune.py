@@ -45,6 +45,14 @@ class FineTuning(Purifier):
         self.device = device
         self.progress = progress
 
+    def work(self, n: int, num_classes: int) -> tuple[float, str]:
+        """``epochs`` passes.
+
+        >>> FineTuning(epochs=3).work(100, 10)
+        (3.0, '3 fine-tune epochs')
+        """
+        return float(self.epochs), f"{self.epochs} fine-tune epochs"
+
     def _validate(self) -> dict[str, Any]:
         return check_sgd_params(self)
 

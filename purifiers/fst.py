@@ -72,6 +72,10 @@ class FeatureShiftTuning(Purifier):
         self.device = device
         self.progress = progress
 
+    def work(self, n: int, num_classes: int) -> tuple[float, str]:
+        """``epochs`` passes (the head re-initialisation and its norm projection cost nothing)."""
+        return float(self.epochs), f"{self.epochs} tuning epochs"
+
     def _validate(self) -> dict[str, Any]:
         return {
             "alpha": check_float(self.alpha, "alpha"),

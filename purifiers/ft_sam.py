@@ -108,6 +108,10 @@ class FineTuningSAM(Purifier):
         self.device = device
         self.progress = progress
 
+    def work(self, n: int, num_classes: int) -> tuple[float, str]:
+        """Two passes per epoch (SAM's ascent step and the update)."""
+        return 2.0 * self.epochs, f"{self.epochs} epochs x 2 (SAM)"
+
     def _validate(self) -> dict[str, Any]:
         if not isinstance(self.adaptive, bool):
             raise InputError(f"adaptive must be a bool, got {self.adaptive!r}")

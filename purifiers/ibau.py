@@ -135,6 +135,12 @@ class ImplicitBackdoorAdversarialUnlearning(Purifier):
         self.device = device
         self.progress = progress
 
+    def work(self, n: int, num_classes: int) -> tuple[float, str]:
+        """Per round, one pass for the universal perturbation and one outer pass whose hypergradient costs
+        about ``K + 2`` passes (purifier-notes.md section 1: ~5 x (1 + ~7) at the defaults)."""
+        return float(self.n_rounds * (1 + self.K + 2)), f"{self.n_rounds} rounds x (1 perturbation pass + outer " \
+            f"pass with {self.K} fixed-point iterations)"
+
     def _validate(self) -> dict[str, Any]:
         return {
             "n_rounds": check_positive_int(self.n_rounds, "n_rounds"),

@@ -281,6 +281,15 @@ class Mesa(Purifier):
         self.device = device
         self.progress = progress
 
+    def work(self, n: int, num_classes: int) -> tuple[float, str]:
+        """One generator per beta, ``epochs`` passes each over the non-target images (through the model), per
+        candidate target when detecting, then the repair epochs."""
+        targets = num_classes if self.detect else 1
+        gens = len(tuple(self.betas))
+        share = (num_classes - 1) / num_classes
+        return targets * gens * self.epochs * share + self.repair_epochs, (
+            f"{targets} target(s) x {gens} generators x {self.epochs} epochs + {self.repair_epochs} repair epochs")
+
     def _validate(self) -> dict[str, Any]:
         target = self.target
         if target is not None and (isinstance(target, bool) or not isinstance(target, (int, np.integer))

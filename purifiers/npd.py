@@ -151,6 +151,12 @@ class NeuralPolarizerDefense(Purifier):
         self.device = device
         self.progress = progress
 
+    def work(self, n: int, num_classes: int) -> tuple[float, str]:
+        """Warm-up epochs, then about four passes per epoch (the targeted PGD and three loss terms;
+        purifier-notes.md section 1)."""
+        return float(self.warm_epochs + 4 * self.epochs), (f"{self.warm_epochs} warm-up + {self.epochs} epochs x ~4 "
+                                                           "(PGD and three loss terms)")
+
     def _validate(self) -> dict[str, Any]:
         warm = self.warm_epochs
         if isinstance(warm, bool) or not isinstance(warm, int) or warm < 0:

@@ -162,6 +162,11 @@ class ReconstructiveNeuronPruning(Purifier):
         self.device = device
         self.progress = progress
 
+    def work(self, n: int, num_classes: int) -> tuple[float, str]:
+        """Unlearning (at most ``unlearn_epochs``, it stops at ``clean_threshold``) and the mask epochs."""
+        return float(self.unlearn_epochs + self.mask_epochs), (f"up to {self.unlearn_epochs} unlearning + "
+                                                               f"{self.mask_epochs} mask epochs")
+
     def _validate(self) -> dict[str, Any]:
         if isinstance(self.threshold, str):
             if self.threshold != "validation":

@@ -120,6 +120,12 @@ class SharedAdversarialUnlearning(Purifier):
         self.device = device
         self.progress = progress
 
+    def work(self, n: int, num_classes: int) -> tuple[float, str]:
+        """Per epoch, ``pgd_steps`` PGD steps through both models and one update on the clean and adversarial
+        batch: ``2 pgd_steps + 2`` passes (12 at the defaults, purifier-notes.md section 1)."""
+        per = 2 * self.pgd_steps + 2
+        return float(self.epochs * per), f"{self.epochs} epochs x ({self.pgd_steps} PGD steps on 2 models + update)"
+
     def _validate(self) -> dict[str, Any]:
         return {
             "epochs": check_positive_int(self.epochs, "epochs"),

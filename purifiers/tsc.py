@@ -158,6 +158,12 @@ class TwoStageSymmetryConnectivity(Purifier):
         self.device = device
         self.progress = progress
 
+    def work(self, n: int, num_classes: int) -> tuple[float, str]:
+        """Two curves of ``curve_epochs`` per round, then the fine-tune (purifier-notes.md section 1: ~1,200
+        curve epochs + FT at the defaults; the permutation matching is not counted)."""
+        return float(self.rounds * 2 * self.curve_epochs + self.ft_epochs), (
+            f"{self.rounds} rounds x 2 curves x {self.curve_epochs} epochs + {self.ft_epochs} fine-tune epochs")
+
     def _validate(self) -> dict[str, Any]:
         if self.loss not in _LOSSES:
             raise InputError(f"loss must be one of {', '.join(map(repr, _LOSSES))}, got {self.loss!r}")

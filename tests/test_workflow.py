@@ -172,6 +172,11 @@ def test_fast_purification_is_labelled_a_smoke_test(run_dir, capsys):
     assert main(["purify", str(run_dir), "--method", "ft", "--fast", *CPU, "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "--fast smoke-test budgets" in out
+    # the budget line comes before the work: fast_params of ft are 2 epochs over the 251 clean images
+    lines = out.splitlines()
+    budget = next(i for i, x in enumerate(lines) if x.startswith("[budget] purify ft: will run 2 fine-tune epochs "
+                                                                  "over 251 images = 502 inputs"))
+    assert budget < next(i for i, x in enumerate(lines) if x.startswith("[purify] purified-ft:"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["purified"]["purified-ft"]["smoke_test"] is True
     assert json.loads((run_dir / "purify" / "ft.json").read_text())["smoke_test"] is True
@@ -186,6 +191,27 @@ def test_fast_purification_is_labelled_a_smoke_test(run_dir, capsys):
                  "--max-points", "4", *CPU, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert f"{SMOKE_MARK}: purified-ft" in out and "[certify]" not in out and "[budget]" not in out
+
+
+def test_every_purifier_states_its_work_or_none():
+    """Purifier.work: passes over the data of every registered method at its defaults (CLP trains nothing),
+    with closed forms checked for the formulas that follow the reference's relative costs (purifier-notes
+    section 1: SAU ~12 FT epochs per epoch, I-BAU ~5 x (1 + ~7), TSC ~1,200 curve epochs + FT)."""
+    for name in purifiers.available():
+        work = purifiers.make(name).work(200, 10)
+        if name == "clp":
+            assert work is None
+            continue
+        passes, words = work
+        assert passes > 0 and isinstance(words, str) and words, name
+    assert purifiers.make("sau").work(200, 10)[0] == 100 * 12
+    assert purifiers.make("i-bau").work(200, 10)[0] == 5 * (1 + 7)
+    assert purifiers.make("tsc").work(200, 10)[0] == 1200 + 10
+    assert purifiers.make("ft-sam", epochs=3).work(200, 10)[0] == 6
+    assert purifiers.make("anp", n_iters=100, batch_size=50).work(200, 10)[0] == pytest.approx(100 * 0.25 * 7 / 3)
+    assert purifiers.make("mesa", detect=True, epochs=2, repair_epochs=1).work(200, 10)[0] == pytest.approx(
+        10 * 3 * 2 * 0.9 + 1)
+    assert purifiers.make("tsbd", n=0.1, ft_epochs=5).work(200, 10)[0] == 10
 
 
 def test_purify_help_names_the_budgets_infeasible_on_a_cpu(capsys):

@@ -36,7 +36,9 @@ import purifiers
 from certkit._validation import check_positive_int, check_seed
 from certkit.backdoor.prepare import prepare_data
 from certkit.backdoor.training import noise_finetune
+from certkit.devices import resolve_device
 from certkit.errors import InputError, UnknownNameError
+from certkit.runs.budget import announce, seconds_per_input
 from certkit.runs.defaults import PURIFY
 from certkit.runs.fct import save_split, split_line
 from certkit.runs.models import NOISE_SUFFIX, PURIFIED_PREFIX, load_run_model, purified_spec
@@ -131,6 +133,21 @@ def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, torch.device) else v) for k, v in params.items()}
 
 
+def _announce_purify(method: str, purifier: Any, model: torch.nn.Module, n: int, num_classes: int,
+                     input_shape: Any, device: str, log: Any) -> None:
+    """The budget line of :func:`purify_run`: the method's passes over its data (:meth:`purifiers.Purifier.work`,
+    approximate), timed on one training step of the model (nothing for a method without a formula, e.g. CLP)."""
+    work = purifier.work(n, num_classes)
+    if work is None:
+        return
+    passes, detail = work
+    per = seconds_per_input(model, input_shape, batch=getattr(purifier, "batch_size", 128), device=device,
+                            backward=True)
+    announce(log, f"purify {method}", int(round(passes * n)), "inputs forward and backward",
+             detail=f"{detail} over {n} images", seconds_per_unit=per, device=resolve_device(device),
+             note="approximate (the method's main loops)")
+
+
 def purify_run(run: RunDirectory, cfg: PurifyConfig, *, device: str = "auto", progress: bool = True,
                download: bool = False, log: Any = print) -> dict[str, Any]:
     """Purify the run's ``undefended`` model with ``cfg.method``; save, evaluate and record it (see the
@@ -161,11 +178,13 @@ def purify_run(run: RunDirectory, cfg: PurifyConfig, *, device: str = "auto", pr
     if cfg.fast:
         log(f"[purify] {cfg.method}: --fast smoke-test budgets {purifiers.fast_params(cfg.method)}: not a "
             "faithful setting; the results are labelled smoke_test")
-    t0 = time.perf_counter()
     train_data = {"train_data": exp.poisoned.dataset} if tags.needs_training_set else {}
     if train_data:
         log(f"[purify] {cfg.method} works on the poisoned training set ({len(exp.poisoned.dataset)} images); the "
             "clean slice above is only used for the noise fine-tune")
+    _announce_purify(cfg.method, purifier, model, len(exp.poisoned.dataset) if train_data else len(fit),
+                     exp.splits.num_classes, exp.splits.input_shape, device, log)
+    t0 = time.perf_counter()
     purified = purifier.purify(model, fit, validation=validation, seed=cfg.seed, **train_data)
     runtime = time.perf_counter() - t0
     report = purifiers.evaluate(model, purified, exp.splits.test, exp.triggered, device=device, runtime_s=runtime)
