@@ -50,8 +50,10 @@ def keep_torch_threads() -> Iterator[None]:
     (the first parallel kernel of the process, or ``numba.get_num_threads()``) after torch's thread pool is up,
     it sets the OpenMP thread count to numba's, so a user's ``torch.set_num_threads(1)`` silently became 2
     after a certification, and the next torch work ran up to 20x slower on a loaded machine
-    (benchmarks/README.md, "Sample-specific vs fixed sigma"). Every parallel kernel of certkit (and its
-    ``numba.get_num_threads()`` call) runs inside this context (``tests/test_parallel.py``).
+    (benchmarks/README.md, "Sample-specific vs fixed sigma"). Every parallel kernel of certkit (Clopper-Pearson
+    bounds, CERTIFY, storage, aggregation; and storage's ``numba.get_num_threads()`` call) runs inside this
+    context (``tests/test_parallel.py``). It restores a process-wide setting: a thread that changes torch's
+    thread count while another runs a kernel may see its change undone.
 
     >>> import torch
     >>> before = torch.get_num_threads()

@@ -72,28 +72,45 @@ elif sys.argv[1] == "cohen":
     cohen_certify_counts(np.array([900]), np.array([1000]), 0.001, 0.25)
 elif sys.argv[1] == "storage":
     StorageCertifier().certify(rng.random((n, 16)), c)
+elif sys.argv[1] == "clopper":
+    from certkit.certify.bounds import clopper_pearson
+    clopper_pearson(rng.integers(0, 100, 5000), 100, 0.001)
+elif sys.argv[1] == "bagging":
+    from certkit.certify.aggregation import bagging_certify
+    bagging_certify(rng.integers(0, 50, (n, 3)), n=1000, k=50)
+elif sys.argv[1] == "fa":
+    from certkit.certify.aggregation import Layout, fa_certify
+    fa_certify(rng.normal(size=(6, n, 3)), Layout.fa(3, 2))
 else:
     store = StorageCertifier().certify(rng.random((n, 16)), c).store  # kernels run, threads restored
     torch.set_num_threads(1)
     store.predict(rng.random((5, 16)))
     store.check_invariant()
-print(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+print(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, numba.threading_layer())
 """
 
 
-@pytest.mark.parametrize("call", ["cohen", "storage", "predict"])
-def test_certification_leaves_torch_thread_count_as_the_user_set_it(call):
-    """numba's OpenMP layer raised torch's thread count (1 -> numba's) on the first parallel kernel of a
-    process; every kernel of certkit runs inside keep_torch_threads. One fresh process per call, since only
-    the first kernel of a process does it; the bare kernel shows the hazard is real on this machine."""
+def _threads_after(call: str) -> tuple[int, int, str]:
+    """torch's and numba's thread counts and numba's threading layer after ``call`` in a fresh process."""
     import subprocess
     import sys
 
-    def threads(what: str) -> tuple[int, int]:
-        out = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, what], capture_output=True, text=True,
-                             check=True, env={**os.environ, "NUMBA_NUM_THREADS": "2"})
-        torch_threads, numba_threads = map(int, out.stdout.split())
-        return torch_threads, numba_threads
+    out = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, call], capture_output=True, text=True, check=True,
+                         env={**os.environ, "NUMBA_NUM_THREADS": "2"})
+    torch_threads, numba_threads, layer = out.stdout.split()
+    return int(torch_threads), int(numba_threads), layer
 
-    assert threads("bare-kernel") == (2, 2)  # the hazard: the bare kernel changed torch's setting
-    assert threads(call) == (1, 2)
+
+@pytest.fixture(scope="module")
+def bare_kernel_threads() -> tuple[int, int, str]:
+    return _threads_after("bare-kernel")
+
+
+@pytest.mark.parametrize("call", ["cohen", "storage", "predict", "clopper", "bagging", "fa"])
+def test_certification_leaves_torch_thread_count_as_the_user_set_it(call, bare_kernel_threads):
+    """numba's OpenMP layer raised torch's thread count (1 -> numba's) on the first parallel kernel of a
+    process; every kernel of certkit runs inside keep_torch_threads. One fresh process per call, since only
+    the first kernel of a process does it; the bare kernel shows the hazard is real on this machine."""
+    if bare_kernel_threads[2] == "omp":  # the hazard exists with numba's OpenMP layer (not TBB / workqueue)
+        assert bare_kernel_threads[:2] == (2, 2)  # the bare kernel changed torch's setting
+    assert _threads_after(call)[:2] == (1, 2)

@@ -69,6 +69,7 @@ from scipy.stats import binom
 
 from certkit._validation import check_alpha, check_choice
 from certkit.errors import InputError
+from certkit.parallel import keep_torch_threads
 
 __all__ = [
     "ConfidenceInterval",
@@ -386,7 +387,8 @@ def clopper_pearson(k: Any, n: Any, alpha: Any = 0.001, alternative: str = "two-
     if bad.any():
         i = int(np.argmax(bad))
         raise InputError(f"k must not exceed n, got k={kf[i]:g} > n={nf[i]:g}")
-    low, high = _cp_dedup(kf, nf, af, _MODE[alternative])
+    with keep_torch_threads():
+        low, high = _cp_dedup(kf, nf, af, _MODE[alternative])
     return ConfidenceInterval(_shaped(low, shape), _shaped(high, shape))
 
 
