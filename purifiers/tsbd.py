@@ -345,6 +345,9 @@ class TwoStageBackdoorDefense(Purifier):
                 opt.zero_grad(set_to_none=True)
                 (-loss).backward()
                 opt.step()
+            if not all(bool(torch.isfinite(q).all()) for q in params):  # NaN logits would look "collapsed"
+                raise InputError(f"TSBD unlearning diverged at epoch {epoch + 1} (non-finite weights; "
+                                 f"lr_unlearn={p['lr_unlearn']:g}); try a smaller lr_unlearn")
             pred = _predictions(unlearned, data, dev, bs)
             acc = float((pred == data.y.cpu()).float().mean())
             bar.set_postfix(acc=f"{acc:.3f}")

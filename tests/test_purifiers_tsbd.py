@@ -226,6 +226,29 @@ def test_unlearning_stops_when_the_model_collapses_onto_one_class(backdoored_dig
     assert float((pred == data.y).float().mean()) > 0.0  # the official rule would never have stopped
 
 
+class _NaNAfterOneStep(nn.Module):
+    """A digits CNN plus a parameter whose gradient is NaN while the loss stays finite (``sqrt(b - b)`` at 0):
+    after one SGD step that parameter, and then every logit, is NaN."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.bad = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + 0.0 * torch.sqrt(self.bad - self.bad)
+
+
+def test_unlearning_refuses_non_finite_weights_instead_of_calling_them_collapsed():
+    """NaN logits all argmax to class 0, which looks like a collapse onto one class: the unlearning checks the
+    weights first (one step per epoch, so the NaN appears at the epoch's end)."""
+    model = _NaNAfterOneStep(_tiny())
+    pred = torch.full((80,), float("nan")).view(8, 10).argmax(1)
+    assert unlearning_done(pred, torch.arange(8), 0.1) == "collapsed"  # what the weights check prevents
+    with pytest.raises(InputError, match="unlearning diverged at epoch 1 \\(non-finite weights"):
+        purifiers.make("tsbd", **dict(FAST, n=0.1, batch_size=256)).purify(model, _data(), seed=0)
+
+
 # ---------------------------------------------------------------------------------------------- stage 2
 def test_two_pass_update_equals_mixed_gradient():
     torch.manual_seed(0)
