@@ -701,6 +701,42 @@ def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, flags: torch
     return loss_c - lambda_p * loss_p
 
 
+def check_secure_train_settings(**settings: Any) -> dict[str, Any]:
+    """The given settings of :func:`fct_secure_train` (any subset of its keyword arguments), checked: an
+    :class:`InputError` names the first bad one.
+
+    >>> check_secure_train_settings(epochs=3, crop_scale=[0.5, 1.0])
+    {'epochs': 3, 'crop_scale': [0.5, 1.0]}
+    >>> check_secure_train_settings(epochs="3")
+    Traceback (most recent call last):
+    ...
+    certkit.errors.InputError: epochs must be a positive integer, got '3'
+    """
+    for name, value in settings.items():
+        if name in ("epochs", "batch_size", "head_epochs", "head_batch_size", "proj_dim"):
+            check_positive_int(value, name)
+        elif name in ("lr", "head_lr", "temperature"):
+            check_float(value, name, strict=True)
+        elif name in ("lambda_p", "weight_decay"):
+            check_float(value, name)
+        elif name == "momentum":
+            check_float(value, name, maximum=1.0 - 1e-12)
+        elif name in ("flip", "clean_positives_only"):
+            if not isinstance(value, bool):
+                raise InputError(f"{name} must be true or false, got {value!r}")
+        elif name == "crop_scale":
+            ok = isinstance(value, (list, tuple)) and len(value) == 2
+            try:
+                ok = ok and 0 < float(value[0]) <= float(value[1]) <= 1
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise InputError(f"crop_scale must be two numbers 0 < lo <= hi <= 1, got {value!r}")
+        else:
+            raise InputError(f"unknown fct_secure_train setting {name!r}")
+    return dict(settings)
+
+
 def fct_secure_train(template: nn.Module, train_data: ArrayDataset, split: FCTSplit, *, epochs: int = 200,
                      lr: float = 0.5, batch_size: int = 512, weight_decay: float = 1e-4, momentum: float = 0.9,
                      temperature: float = 0.1, proj_dim: int = 128, crop_scale: Sequence[float] = (0.2, 1.0),
@@ -726,14 +762,10 @@ def fct_secure_train(template: nn.Module, train_data: ArrayDataset, split: FCTSp
     ``clean_positives_only`` (not official, off by default) also masks the positives' side of the SupCon term
     (on digits it cut ASR to 0 but cost 9 points of clean accuracy).
     """
-    for v, what in ((epochs, "epochs"), (batch_size, "batch_size"), (head_epochs, "head_epochs"),
-                    (head_batch_size, "head_batch_size"), (proj_dim, "proj_dim")):
-        check_positive_int(v, what)
-    for v, what in ((lr, "lr"), (head_lr, "head_lr"), (temperature, "temperature")):
-        check_float(v, what, strict=True)
-    check_float(lambda_p, "lambda_p")
-    if len(crop_scale) != 2 or not 0 < float(crop_scale[0]) <= float(crop_scale[1]) <= 1:
-        raise InputError(f"crop_scale must be two numbers 0 < lo <= hi <= 1, got {list(crop_scale)}")
+    check_secure_train_settings(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                                momentum=momentum, temperature=temperature, proj_dim=proj_dim, crop_scale=crop_scale,
+                                flip=flip, clean_positives_only=clean_positives_only, head_epochs=head_epochs,
+                                head_lr=head_lr, head_batch_size=head_batch_size, lambda_p=lambda_p)
     if len(split.flags) != len(train_data):
         raise InputError(f"the split has {len(split.flags)} samples but train_data {len(train_data)}")
     dev = check_device(device)

@@ -84,7 +84,9 @@ def test_a_tampered_split_file_is_recomputed_not_trusted(dst_run, tmp_path, caps
     with one_thread():
         assert main(["train", "--out", str(copy), "--epochs", "8", "--defense", "fct-st", *QUIET]) == 0
     out = capsys.readouterr().out
-    assert "fct-st split:" in out and "not retrained" in out  # the split recomputed, the model reused
+    assert "fct-st split:" in out and "fct-st: checkpoint verified, not retrained" not in out  # split recomputed
+    assert RunDirectory.open(copy).manifest["models"]["fct-st"] == RunDirectory.open(dst_run).manifest["models"][
+        "fct-st"]  # ... and the model reused, not retrained
     assert RunDirectory.open(copy).has_file("train/fct-st_split.npz")
 
 
@@ -93,7 +95,11 @@ def test_settings_resolve_over_digits_or_official_defaults():
     assert digits["sd"] == FCT_SD_DIGITS and digits["st"] == {**FCT_ST_DIGITS, "epochs": 3}
     assert fct_st_settings(None, dataset="mnist") == {"sd": {}, "st": {}}
     cfg = TrainConfig(defense="fct-st", defense_params={"sd": {"draws": 2}})
-    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # resolved settings round-trip
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # settings round-trip
+    assert cfg.defense_params == {"sd": {"draws": 2}, "st": {}}  # resolved by train() when the run is made
+    # a stored (resolved) config is read as it is: defaults added later never change what a run says it used
+    stored = {**TrainConfig().to_dict(), "defense": "fct-st", "defense_params": {"sd": {"sd_epochs": 3}, "st": {}}}
+    assert TrainConfig.from_dict(stored).defense_params == {"sd": {"sd_epochs": 3}, "st": {}}
     assert "defense" not in TrainConfig().to_dict()  # runs without a defense keep the earlier manifest
 
 
@@ -110,11 +116,25 @@ def test_the_budget_counts_every_training_input():
     (dict(defense="fct-st", defense_params={"br": {}}), InputError, "unknown defense_params key(s) br"),
     (dict(defense="fct-st", defense_params={"sd": 3}), InputError, "must be a JSON object"),
     (dict(defense_params={"st": {"epochs": 3}}), InputError, "--defense-params applies to --defense fct-st"),
+    (dict(defense="fct-st", defense_params={"st": {"epochs": "3"}}), InputError,
+     "defense_params 'st': epochs must be a positive integer, got '3'"),
+    (dict(defense="fct-st", defense_params={"st": {"epochs": -5}}), InputError,
+     "defense_params 'st': epochs must be a positive integer"),
+    (dict(defense="fct-st", defense_params={"st": {"crop_scale": [0.9, 0.1]}}), InputError, "crop_scale must be"),
+    (dict(defense="fct-st", defense_params={"sd": {"alpha_p": 2.0}}), InputError, "defense_params 'sd': alpha_p"),
 ])
 def test_bad_defense_settings_are_named(kwargs, error, fragment):
     with pytest.raises(error) as exc:
         TrainConfig(**kwargs)
     assert fragment in str(exc.value)
+
+
+def test_bad_defense_values_are_one_line_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--defense", "fct-st", "--defense-params", '{"st": {"epochs": -5}}',
+                 *QUIET]) != 0
+    one_line_error(capsys, "defense_params 'st': epochs must be a positive integer")
+    assert file_snapshot(out) == {}
 
 
 def test_a_training_set_too_small_for_the_split_is_one_line_and_writes_nothing(tmp_path, capsys):

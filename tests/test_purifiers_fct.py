@@ -259,3 +259,16 @@ def test_compare_grid_runs_fct_cells(tmp_path):
     assert rows["fct-st"]["status"] == "ok" and rows["fct-st"]["kind"] == "training", rows["fct-st"]["reason"]
     cell = json.loads((tmp_path / "cmp" / "cells" / f"{rows['fct-st']['cell_id']}.json").read_text())
     assert cell["split"]["n_poisoned"] > 0 and "poisoned_precision" in cell["split"]
+
+
+def test_compare_fct_st_cell_names_a_bad_setting_before_any_work():
+    from certkit.runs.compare.fct_cells import fct_st_model
+    from certkit.runs.compare.spec import CompareSpec
+
+    spec = CompareSpec(model="digits-cnn", attacks=["badnets"], defenses=["fct-st"],
+                       purifier_params={"fct-st": {"epoch": 3}})
+    with pytest.raises(InputError, match=r"purifier_params\['fct-st'\].*unknown fct-st st setting\(s\) epoch"):
+        fct_st_model(spec, {"attack_key": "x"}, None, None, "cpu", sd_params={})
+    spec = CompareSpec(model="digits-cnn", attacks=["badnets"], defenses=["fct-st"])
+    with pytest.raises(InputError, match=r"purifier_params\['fct-st'\].*sd_epochs"):
+        fct_st_model(spec, {"attack_key": "x"}, None, None, "cpu", sd_params={"sd_epochs": 0})

@@ -36,15 +36,17 @@ from certkit.runs.rundir import RunDirectory
 from purifiers.fct import (
     ALPHA_C,
     ALPHA_P,
+    FCTBackdoorRemoval,
     FCTSplit,
+    check_secure_train_settings,
     check_split_sizes,
     fct_secure_train,
     sd_split,
     split_sizes,
 )
 
-__all__ = ["SD_SETTINGS", "ST_SETTINGS", "check_fct_st_size", "fct_st_settings", "fct_st_work", "save_split",
-           "split_line", "train_fct_st"]
+__all__ = ["SD_SETTINGS", "ST_SETTINGS", "check_fct_st_params", "check_fct_st_size", "fct_st_settings",
+           "fct_st_work", "save_split", "split_line", "train_fct_st"]
 
 _NOT_SETTINGS = {"template", "train_data", "split", "seed", "device", "log"}
 #: the settings of the SD module (:func:`purifiers.fct.sd_split`) a run may give
@@ -60,13 +62,20 @@ def _checked(part: str, given: Any, valid: frozenset[str]) -> dict[str, Any]:
     unknown = sorted(set(given) - valid)
     if unknown:
         raise InputError(f"unknown fct-st {part} setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
-    return dict(given)
+    try:  # the values, with the checks of the functions that will receive them
+        if part == "sd":
+            FCTBackdoorRemoval(**given)
+        else:
+            check_secure_train_settings(**given)
+    except InputError as exc:
+        raise InputError(f"defense_params {part!r}: {exc}") from None
+    return copy.deepcopy(dict(given))
 
 
-def fct_st_settings(params: Mapping[str, Any] | None = None, *, dataset: str | None) -> dict[str, dict[str, Any]]:
-    """The resolved settings ``{"sd": ..., "st": ...}`` of D-ST on ``dataset``: the digits-scale defaults on the
-    embedded ``digits`` (the official ones elsewhere and for ``dataset=None``), updated by ``params`` (the same
-    two keys, each optional). Unknown keys are an :class:`InputError` naming them and the valid ones."""
+def check_fct_st_params(params: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """``params`` as ``{"sd": ..., "st": ...}`` (each optional in the input), every key and value checked
+    against :func:`purifiers.fct.sd_split` / :func:`purifiers.fct.fct_secure_train`: an :class:`InputError`
+    names the first bad one. No defaults are added (:func:`fct_st_settings` does that)."""
     params = {} if params is None else params
     if not isinstance(params, Mapping):
         raise InputError(f"defense_params must be a JSON object with keys 'sd' and/or 'st', got "
@@ -75,10 +84,19 @@ def fct_st_settings(params: Mapping[str, Any] | None = None, *, dataset: str | N
     if extra:
         raise InputError(f"unknown defense_params key(s) {', '.join(extra)} for fct-st; valid: 'sd' (settings of "
                          f"the SD split) and 'st' (settings of the secure training)")
+    return {"sd": _checked("sd", params.get("sd", {}), SD_SETTINGS),
+            "st": _checked("st", params.get("st", {}), ST_SETTINGS)}
+
+
+def fct_st_settings(params: Mapping[str, Any] | None = None, *, dataset: str | None) -> dict[str, dict[str, Any]]:
+    """The resolved settings ``{"sd": ..., "st": ...}`` of D-ST on ``dataset``: the digits-scale defaults on the
+    embedded ``digits`` (the official ones elsewhere and for ``dataset=None``), updated by ``params``
+    (:func:`check_fct_st_params`). A run stores them resolved when it is created, so later default changes
+    never alter what an existing run says it trained with."""
+    given = check_fct_st_params(params)
     digits = dataset == "digits"
-    sd = {**(FCT_SD_DIGITS if digits else {}), **_checked("sd", params.get("sd", {}), SD_SETTINGS)}
-    st = {**(FCT_ST_DIGITS if digits else {}), **_checked("st", params.get("st", {}), ST_SETTINGS)}
-    return {"sd": copy.deepcopy(sd), "st": copy.deepcopy(st)}
+    return check_fct_st_params({"sd": {**(FCT_SD_DIGITS if digits else {}), **given["sd"]},
+                                "st": {**(FCT_ST_DIGITS if digits else {}), **given["st"]}})
 
 
 def check_fct_st_size(n: int, settings: Mapping[str, Mapping[str, Any]]) -> None:

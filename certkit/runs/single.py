@@ -55,6 +55,7 @@ from certkit.progress import batches as progress_batches
 from certkit.runs.budget import announce, seconds_per_input
 from certkit.runs.defaults import CERTIFY, TRAIN, TRAINING_DEFENSES
 from certkit.runs.fct import (
+    check_fct_st_params,
     check_fct_st_size,
     fct_st_settings,
     fct_st_work,
@@ -105,8 +106,8 @@ class TrainConfig:
     #: a training-time defense: also train a model of that name from the poisoned data by the defended
     #: procedure (``"fct-st"``: FCT's D-ST, :mod:`certkit.runs.fct`); ``None``: none
     defense: str | None = None
-    #: the defense's settings, stored resolved (``fct-st``: ``{"sd": ..., "st": ...}`` over the digits-scale or
-    #: official defaults, :func:`certkit.runs.fct.fct_st_settings`)
+    #: the defense's settings (``fct-st``: ``{"sd": ..., "st": ...}``); :func:`train` stores them resolved over
+    #: the digits-scale or official defaults (:func:`certkit.runs.fct.fct_st_settings`) when it creates the run
     defense_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -122,7 +123,7 @@ class TrainConfig:
         check_choice(self.model, MODELS, "model")
         if self.defense is not None:
             check_choice(self.defense, TRAINING_DEFENSES, "defense")
-            self.defense_params = fct_st_settings(self.defense_params, dataset=self.dataset)
+            self.defense_params = check_fct_st_params(self.defense_params)
         elif self.defense_params:
             raise InputError("--defense-params applies to --defense " + " | ".join(TRAINING_DEFENSES))
         self.epochs = check_positive_int(self.epochs, "epochs")
@@ -613,7 +614,8 @@ def train(config: TrainConfig, out: str | Path, *, device: str = "auto", progres
                 mean=data.splits.mean, std=data.splits.std)  # the architecture accepts the data
     if config.ablation is not None:
         build_ablated_model(config.model, data, config.ablation, config.band)  # and the band fits
-    if config.defense is not None:  # the poisoned set is large enough for the defense's SD split
+    if config.defense is not None:  # resolved once, here; the poisoned set is large enough for the SD split
+        config = replace(config, defense_params=fct_st_settings(config.defense_params, dataset=config.dataset))
         check_fct_st_size(len(data.poisoned.dataset), config.defense_params)
     run = RunDirectory.create(out, {"train": config.to_dict()}, kind=RUN_KIND)
     train_run(run, device=device, progress=progress, download=download, log=log)

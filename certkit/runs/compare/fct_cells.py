@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from certkit.backdoor.models import build_model
+from certkit.errors import InputError
 from certkit.runs.compare.spec import CompareSpec
 from certkit.runs.fct import SD_SETTINGS, fct_st_settings, train_fct_st
 from certkit.runs.models import load_run_model
@@ -35,8 +36,11 @@ def fct_st_model(spec: CompareSpec, cell: Mapping[str, Any], run: RunDirectory, 
 
     ``sd_params``: the ``fct-br`` purifier's parameters (those of :func:`purifiers.fct.sd_split` are used);
     ``spec.purifier_params["fct-st"]``: keyword arguments of :func:`purifiers.fct.fct_secure_train`."""
-    settings = fct_st_settings({"sd": {k: v for k, v in sd_params.items() if k in SD_SETTINGS},
-                                "st": spec.purifier_params.get("fct-st", {})}, dataset=None)
+    try:
+        settings = fct_st_settings({"sd": {k: v for k, v in sd_params.items() if k in SD_SETTINGS},
+                                    "st": spec.purifier_params.get("fct-st", {})}, dataset=None)
+    except InputError as exc:
+        raise InputError(f"purifier_params['fct-st'] (SD settings from purifier_params['fct-br']): {exc}") from None
     train = data.poisoned.dataset
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
