@@ -440,7 +440,8 @@ class FCTBackdoorRemoval(Purifier):
 
     Where it fails: on digits Blended the method's premise is inverted, poisoned samples' features move *less*
     under tau than clean ones (AUROC of the score 0.23-0.32, D_p precision 0.02; ``degrees=30`` 0.28-0.41),
-    so D-BR unlearns clean samples and the ASR stays at 0.97-0.99 (``benchmarks/digits_failures.py``). In an
+    so D-BR unlearns clean samples (``benchmarks/digits_failures.py``) and the ASR stays at 0.97-0.99
+    (``benchmarks/purifiers_results_digits.md``). In an
     evaluation with known poison indices the split's diagnostic (``split_.diagnostic``, stored by runs) shows
     such a failure; a deployed defender has no such check.
 
