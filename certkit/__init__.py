@@ -56,6 +56,7 @@ _EXPORTS: dict[str, str] = {
     "AggregationCertificate": "certkit.certify.aggregation",
     "Layout": "certkit.certify.aggregation",
     "bagging_certify": "certkit.certify.aggregation",
+    "combine_versions": "certkit.certify.aggregation",
     "dpa_certify": "certkit.certify.aggregation",
     "dpa_partition": "certkit.certify.aggregation",
     "fa_certify": "certkit.certify.aggregation",

@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     etrain.add_argument("--k", type=_integer, default=None,
                         help="partition / finite-aggregation: number of partitions k; bootstrap: samples per draw")
     etrain.add_argument("--d", type=_integer, default=None, help="finite-aggregation: subsets per sample d")
+    etrain.add_argument("--versions", type=_integer, default=None,
+                        help="partition: seeded versions per partition (DPA*, 'boosted DPA': k x versions members, "
+                        "their logits averaged per partition when certified; default 1)")
     etrain.add_argument("--ablation", choices=["column", "block"], default=None,
                         help="aggregation layouts: train each member as a de-randomized smoothing model (for the "
                         "joint certificate)")
@@ -545,7 +548,8 @@ def _ensemble(args: argparse.Namespace, progress: bool) -> int:
         sample_specific = args.noise == "sample-specific"
         spec = EnsembleSpec(**_given(args, **_DATA_FLAGS, model="model", members="members", sigma="sigma",
                                      noise="noise", epochs="epochs", lr="lr", batch_size="batch_size",
-                                     layout="layout", k="k", d="d", ablation="ablation", band="band"),
+                                     layout="layout", k="k", d="d", ablation="ablation", band="band",
+                                     versions="versions"),
                             **({"sigma_steps": D.ENSEMBLE["sigma_steps"] if args.sigma_steps is None else args.sigma_steps,
                                 **_given(args, sigma_lr="sigma_lr")} if sample_specific else {}))
         run = train_ensemble_run(spec, args.out, scheduler=args.scheduler, device=args.device, progress=progress,

@@ -27,6 +27,7 @@ from certkit.certify.aggregation import (
     bagging_radius,
     bootstrap_subsets,
     check_layout,
+    combine_versions,
     dpa_certify,
     dpa_partition,
     fa_certify,
@@ -815,3 +816,62 @@ def test_every_public_function_has_a_passing_doctest():
     missing = [f.__name__ for f in public if ">>>" not in (f.__doc__ or "")]
     assert missing == []
     assert result.attempted >= len(public)
+
+
+# ------------------------------------------------------------------------------------------ DPA* (versions)
+def test_versions_layout_is_checked_and_keeps_old_records():
+    lay = Layout.dpa(3, member_subset=[2, 0, 1, 0, 2, 1], versions=2)
+    assert lay.num_members == 6 and Layout.from_dict(lay.to_dict()) == lay
+    assert "versions" not in Layout.dpa(3).to_dict()  # layout.json of runs without versions is unchanged
+    assert Layout.dpa(3, versions=1).versions is None
+    with pytest.raises(InputError, match="each present one exactly 2 times"):
+        Layout.dpa(3, member_subset=[0, 0, 1, 1, 2], versions=2)
+    with pytest.raises(InputError, match="versions apply to a 'partition' layout"):
+        Layout("finite-aggregation", k=2, d=2, shifts=(0, 1), versions=2)
+    with pytest.raises(InputError, match="must record member_subset"):
+        combine_versions(np.zeros((4, 1, 2)), Layout("partition", k=2, versions=2))
+
+
+def test_dpa_star_averages_the_versions_of_each_partition_whatever_the_file_order():
+    rng = np.random.default_rng(21)
+    k, v, n, c = 6, 3, 50, 4
+    logits = rng.normal(size=(k * v, n, c))
+    logits[:, :, 1] += rng.uniform(0, 1.5, size=(1, n))
+    subset = np.repeat(np.arange(k), v)
+    perm = rng.permutation(k * v)                       # members saved in a shuffled file order
+    lay = Layout.dpa(k, member_subset=subset[perm].tolist(), versions=v)
+    manual = np.stack([logits[subset == p].mean(axis=0) for p in range(k)])  # independent grouping
+    for certify in (dpa_certify, roe_certify):
+        got = certify(logits[perm], layout=lay)
+        want = certify(manual)
+        assert np.array_equal(got.prediction, want.prediction) and np.array_equal(got.radius, want.radius)
+        assert got.meta["versions"] == v and got.meta["members"] == k
+    # without the layout the 18 members would be taken as 18 partitions: a different (unsound) count
+    assert not np.array_equal(dpa_certify(logits).radius, dpa_certify(manual).radius)
+
+
+def test_dpa_star_is_sound_by_brute_force_over_every_r_poisoned_partitions():
+    """One poisoned sample can change every version of its partition: any r partitions' averaged votes may
+    become anything. Enumerated for k = 5 partitions of 3 versions, 3 classes: the prediction survives every
+    choice of r <= radius partitions and every new vote for them."""
+    rng = np.random.default_rng(22)
+    k, v, c = 5, 3, 3
+    lay = Layout.dpa(k, member_subset=np.repeat(np.arange(k), v).tolist(), versions=v)
+    seen, tight = set(), 0
+    for _case in range(60):
+        logits = rng.normal(size=(k * v, 1, c))
+        logits[:, 0, int(rng.integers(c))] += rng.uniform(0, 2)
+        cert = dpa_certify(logits, layout=lay)
+        pred, r = int(cert.prediction[0]), int(cert.radius[0])
+        seen.add(r)
+        votes = np.argmax(combine_versions(logits, lay)[0][:, 0], axis=1)
+        # r insertions / deletions reach at most r partitions (one each); every vote they could then cast
+        for parts in itertools.combinations(range(k), max(r, 0)):
+            for new in itertools.product(range(c), repeat=len(parts)):
+                changed = votes.copy()
+                changed[list(parts)] = new
+                assert plurality(counts_of(changed[None, :], c))[0] == pred, (logits, r, parts, new)
+        flips = [plurality(counts_of(np.where(np.isin(np.arange(k), parts), b, votes)[None, :], c))[0] != pred
+                 for parts in itertools.combinations(range(k), r + 1) for b in range(c)]
+        tight += any(flips)
+    assert {0, 1, 2} <= seen and tight > 20  # radii of several sizes, mostly tight (r + 1 partitions can flip)

@@ -269,3 +269,45 @@ def test_a_rab_run_refuses_poisoning_count_certificates(tmp_path, capsys):
     assert file_snapshot(out) == before
     with pytest.raises(RecordError):
         read_member_outputs(RunDirectory.open(out))
+
+
+# ------------------------------------------------------------------------------------------ DPA* (versions)
+def test_versions_spec_and_member_layout():
+    spec = EnsembleSpec(layout="partition", k=4, versions=3, epochs=1)
+    assert spec.members == 12 and spec.to_dict()["versions"] == 3
+    assert "versions" not in EnsembleSpec(layout="partition", k=4, epochs=1).to_dict()  # earlier configs unchanged
+    assert EnsembleSpec(layout="partition", k=4, versions=1).versions is None
+    data = _toy()
+    lay = member_layout("partition", data, k=4, versions=3)
+    one = member_layout("partition", data, k=4)
+    assert lay.layout.member_subset == tuple(m // 3 for m in range(12)) and lay.layout.versions == 3
+    assert all(np.array_equal(lay.indices[m], one.indices[m // 3]) for m in range(12))  # same partition data
+    for kwargs, fragment in ((dict(layout="finite-aggregation", k=3, d=2, versions=2), "partition layout only"),
+                             (dict(layout="partition", k=3, versions=2, ablation="column", band=2), "cannot be combined"),
+                             (dict(layout="partition", k=3, versions=2, members=3), "6 members"),
+                             (dict(versions=2), "only apply to the aggregation layouts")):
+        with pytest.raises(InputError, match=fragment):
+            EnsembleSpec(**kwargs)
+
+
+def test_a_dpa_star_run_certifies_the_averaged_versions(tmp_path, capsys):
+    out = tmp_path / "dstar"
+    assert main(["ensemble", "train", "--out", str(out), "--layout", "partition", "--k", "4", "--versions", "2",
+                 *SMALL]) == 0
+    run = RunDirectory.open(out)
+    lay = read_layout(run)
+    assert lay.versions == 2 and len(run.models()) >= 8
+    assert main(["ensemble", "certify", str(out), "--certificate", "dpa", *QUIET]) == 0
+    assert "4x2" in capsys.readouterr().out
+    row = RunDirectory.open(out).read_summary()["aggregation"]["dpa"]
+    assert row["versions"] == 2 and row["members"] == 8
+    with np.load(out / "member_outputs.npz") as z:
+        logits, labels = z["clean_logits"], z["clean_labels"]
+    ms = np.asarray(lay.member_subset)
+    manual = np.stack([logits[ms == p].mean(axis=0) for p in range(4)])  # independent per-partition average
+    frame = pd.read_csv(out / "aggregation" / "dpa.csv")
+    clean = frame[frame["set"] == "clean"]
+    want = dpa_certify(manual, labels)
+    assert np.array_equal(clean["radius"].to_numpy(), want.radius)
+    assert np.array_equal(clean["prediction"].to_numpy(), want.prediction)
+    assert main(["ensemble", "certify", str(out), "--certificate", "joint", *QUIET]) != 0  # no ablation: refused

@@ -98,6 +98,7 @@ __all__ = [
     "Layout",
     "bagging_certify",
     "bagging_radius",
+    "combine_versions",
     "bootstrap_subsets",
     "check_layout",
     "dpa_certify",
@@ -448,8 +449,10 @@ class Layout:
         n_train: training-set size ``n`` (bagging's theorem needs it).
         seed: the seed of the shifts (``"reference"`` or an int) or of the bootstrap draws.
         member_subset: ``member_subset[m]`` is the partition / subset / draw that saved member ``m`` (its
-            position along the first axis of the logits) was trained on. Partition: distinct values in
-            ``[0, k)``; FA: a permutation of ``range(k * d)``.
+            position along the first axis of the logits) was trained on. Partition: values in ``[0, k)``, each
+            present one appearing ``versions`` times; FA: a permutation of ``range(k * d)``.
+        versions: partition only: seeded versions trained per partition (DPA*, "boosted DPA": their logits are
+            averaged into one vote per partition by :func:`combine_versions`); ``None`` means 1.
 
     >>> Layout.dpa(4).to_dict()["kind"]
     'partition'
@@ -467,11 +470,12 @@ class Layout:
     n_train: int | None = None
     seed: int | str | None = None
     member_subset: tuple[int, ...] | None = None
+    versions: int | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.kind, LAYOUT_KINDS, "layout kind")
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        for name in ("k", "d", "num_draws", "bootstrap_size", "n_train"):
+        for name in ("k", "d", "num_draws", "bootstrap_size", "n_train", "versions"):
             value = getattr(self, name)
             if value is not None:
                 put(name, check_positive_int(value, name, minimum=2 if name == "k" else 1))
@@ -485,13 +489,20 @@ class Layout:
                 raise InputError(f"a {self.kind!r} layout needs k")
             if self.hash_rule is None:
                 put("hash_rule", HASH_RULE)
+        if self.versions is not None and self.kind != "partition":
+            raise InputError(f"versions apply to a 'partition' layout (DPA*) only, not {self.kind!r}")
         if self.kind == "partition":
             if self.d not in (None, 1):
                 raise InputError(f"a 'partition' layout has d = 1, got d = {self.d}")
-            if members is not None and (members.size == 0 or (members < 0).any() or (members >= self.k).any()
-                                        or np.unique(members).size != members.size):
-                raise InputError(f"member_subset of a partition layout must hold distinct partition indices in "
-                                 f"[0, {self.k}) (one member per partition), got {self.member_subset}")
+            v = self.versions or 1
+            if members is not None:
+                ok = members.size > 0 and not (members < 0).any() and not (members >= self.k).any()
+                counts = np.bincount(members, minlength=self.k) if ok else None
+                if not ok or not np.isin(counts, (0, v)).all():
+                    each = ("distinct partition indices in [0, {k}) (one member per partition)" if v == 1 else
+                            "partition indices in [0, {k}), each present one exactly {v} times (versions)")
+                    raise InputError(f"member_subset of a partition layout must hold {each.format(k=self.k, v=v)}, "
+                                     f"got {self.member_subset}")
         elif self.kind == "finite-aggregation":
             if self.d is None:
                 raise InputError("a 'finite-aggregation' layout needs d")
@@ -515,9 +526,10 @@ class Layout:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def dpa(cls, k: int, member_subset: Sequence[int] | None = None) -> Layout:
-        """A DPA layout: ``k`` hash partitions, one member each."""
-        return cls("partition", k=k, d=1, member_subset=None if member_subset is None else tuple(member_subset))
+    def dpa(cls, k: int, member_subset: Sequence[int] | None = None, versions: int | None = None) -> Layout:
+        """A DPA layout: ``k`` hash partitions, one member each (DPA*: ``versions`` members each)."""
+        return cls("partition", k=k, d=1, member_subset=None if member_subset is None else tuple(member_subset),
+                    versions=None if versions in (None, 1) else versions)
 
     @classmethod
     def fa(cls, k: int, d: int, seed: int | str = "reference", member_subset: Sequence[int] | None = None) -> Layout:
@@ -537,7 +549,7 @@ class Layout:
         """Members the layout describes (``None`` when unknown)."""
         if self.member_subset is not None:
             return len(self.member_subset)
-        return {"partition": self.k, "bootstrap": self.num_draws,
+        return {"partition": None if self.k is None else self.k * (self.versions or 1), "bootstrap": self.num_draws,
                 "finite-aggregation": None if self.k is None or self.d is None else self.k * self.d}.get(self.kind)
 
     def to_dict(self) -> dict[str, Any]:
@@ -545,6 +557,8 @@ class Layout:
         out: dict[str, Any] = {}
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
+            if name == "versions" and value is None:  # records of layouts without versions stay as they were
+                continue
             out[name] = list(value) if isinstance(value, tuple) else value
         return out
 
@@ -700,6 +714,34 @@ def poisoning_trigger_robustness(result: AggregationCertificate, n_poisoned: int
 # ======================================================================================================
 # DPA
 # ======================================================================================================
+def combine_versions(logits: np.ndarray, layout: Layout | None) -> tuple[np.ndarray, Layout | None]:
+    """DPA* ("boosted DPA", reference notes section 3): the logits of the ``versions`` members of each partition
+    averaged into one model per partition, ``[K * V, N, C] -> [K', N, C]`` in partition order, with the matching
+    one-member-per-partition layout. Every combined model still depends on its partition's data only, so the
+    DPA / ROE certificates over the combined models count poisoned samples as before. Grouping follows the
+    layout's member -> partition map, never the file order. Layouts without versions pass through unchanged.
+
+    >>> lay = Layout.dpa(2, member_subset=[1, 0, 0, 1], versions=2)
+    >>> x = np.array([[[1.0, 0.0]], [[0.0, 3.0]], [[0.0, 1.0]], [[3.0, 0.0]]])
+    >>> combined, one = combine_versions(x, lay)
+    >>> combined[:, 0].tolist(), one.member_subset, one.versions
+    ([[0.0, 2.0], [2.0, 0.0]], (0, 1), None)
+    """
+    if layout is None or layout.kind != "partition" or (layout.versions or 1) == 1:
+        return logits, layout
+    if layout.member_subset is None:
+        raise InputError("a partition layout with versions must record member_subset (the partition of each saved "
+                         "member): the versions are grouped by partition, never by file order")
+    ms = np.asarray(layout.member_subset, dtype=np.int64)
+    parts = np.unique(ms)
+    combined = np.stack([logits[ms == p].mean(axis=0, dtype=np.float64) for p in parts])
+    return combined, Layout.dpa(layout.k, member_subset=parts.tolist())
+
+
+def _versions_meta(layout: Layout | None) -> dict[str, Any]:
+    return {} if layout is None or not layout.versions else {"versions": layout.versions}
+
+
 def dpa_certify(logits: Any, labels: Any = None, *, layout: Layout | None = None) -> AggregationCertificate:
     """Deep Partition Aggregation certificate (Levine & Feizi, ICLR 2021).
 
@@ -720,14 +762,16 @@ def dpa_certify(logits: Any, labels: Any = None, *, layout: Layout | None = None
     (0, 17)
     """
     arr = _check_logits(logits)
+    layout = _check_member_count(layout, "dpa", arr.shape[0])
+    versions = _versions_meta(layout)
+    arr, layout = combine_versions(arr, layout)
     k, n, c = arr.shape
-    layout = _check_member_count(layout, "dpa", k)
     _, counts = _votes_and_counts(arr)
     first, second = _top_two(counts)
     rows = np.arange(n)
     radius = (counts[rows, first] - counts[rows, second] - (second < first)) // 2
     return AggregationCertificate("dpa", first, radius, SYMMETRIC_UNIT, label=_check_labels(labels, n, c),
-                                  counts=counts, meta={"members": k, "num_classes": c})
+                                  counts=counts, meta={"members": k, "num_classes": c, **versions})
 
 
 # ======================================================================================================
@@ -843,8 +887,10 @@ def roe_certify(logits: Any, labels: Any = None, *, layout: Layout | None = None
     (0, 1, 0)
     """
     arr = _check_logits(logits)
+    layout = _check_member_count(layout, "roe", arr.shape[0])
+    versions = _versions_meta(layout)
+    arr, layout = combine_versions(arr, layout)
     k, n, c = arr.shape
-    layout = _check_member_count(layout, "roe", k)
     _, counts = _votes_and_counts(arr)
     m1, m2, cp, cs = _run_off(arr, counts)
     rows = np.arange(n)
@@ -868,7 +914,7 @@ def roe_certify(logits: Any, labels: Any = None, *, layout: Layout | None = None
     cert2[rows, cp] = big
     radius = np.maximum(np.minimum(cert1, cert2.min(axis=1)) - 1, 0)
     return AggregationCertificate("roe", cp, radius, SYMMETRIC_UNIT, label=_check_labels(labels, n, c),
-                                  counts=counts, meta={"members": k, "num_classes": c,
+                                  counts=counts, meta={"members": k, "num_classes": c, **versions,
                                                        "finalists": [m1.tolist(), m2.tolist()]})
 
 
@@ -1271,6 +1317,9 @@ def joint_certify(member_labels_or_abstain: Any, num_classes: int, labels: Any =
         raise InputError(f"member votes must lie in [-1, {c}) (-1 = abstain), got [{votes.min()}, {votes.max()}]")
     k, n = votes.shape
     layout = _check_member_count(layout, "joint", k)
+    if layout is not None and (layout.versions or 1) > 1:
+        raise InputError(f"the joint certificate needs one member per partition; this layout trains "
+                         f"{layout.versions} versions per partition (DPA*), whose certified votes cannot be combined")
     voted = votes >= 0
     flat = (np.arange(n)[None, :] * c + np.where(voted, votes, 0))[voted]
     counts = np.bincount(flat, minlength=n * c).reshape(n, c)

@@ -326,7 +326,8 @@ def certify_aggregation(run_dir: RunDirectory | str | Path, cfg: AggregationCert
     key = _key(certificate, cfg, patch_size)
     row = {
         "certificate": certificate, "key": key, "unit": clean.unit, "layout": layout.kind, "k": layout.k,
-        "d": layout.d, "members": spec.members, "n_clean": len(clean), "n_triggered": len(trig),
+        "d": layout.d, "versions": layout.versions, "members": spec.members, "n_clean": len(clean),
+        "n_triggered": len(trig),
         "clean_accuracy": float(clean.correct.mean()),
         "asr": float(np.mean(deployed.prediction == target)) if len(trig) else float("nan"),
         "certified_accuracy": {str(r): float(a) for r, a in
@@ -406,15 +407,18 @@ def aggregation_table(summary: dict[str, Any]) -> str:
         return ""
     radii = sorted({int(r) for row in rows for r in row["certified_accuracy"]})
     w = max([14] + [len(r["key"]) + 2 for r in rows])
-    lines = [f"{'certificate':<{w}}{'k':>5}{'clean':>7}" + curve_header(radii)
+    lines = [f"{'certificate':<{w}}{'k':>6}{'clean':>7}" + curve_header(radii)
              + f"{'median':>8}{'ASR':>7}{'CTR':>7}{'at':>6}"]
     for r in rows:
-        lines.append(f"{r['key']:<{w}}{(r['k'] or r['members']):>5}{r['clean_accuracy']:>7.3f}"
+        k = f"{r['k']}x{r['versions']}" if r.get("versions") else str(r["k"] or r["members"])
+        lines.append(f"{r['key']:<{w}}{k:>6}{r['clean_accuracy']:>7.3f}"
                      + curve_cells(r["certified_accuracy"], radii) + f"{r['median_radius']:>8g}{r['asr']:>7.3f}"
                      + number_or(r["ctr_samples"], 7) + f"{r['poisoned_in_unit']:>6}")
     lines.append("@r: certified accuracy at r in each certificate's unit (dpa/roe/fa/joint: inserted + deleted "
                  "samples, a modified sample counts 2; bagging: modified samples, probabilistic); CTR: non-target "
-                 "triggered inputs predicted correctly with radius >= the attack's poisoned count ('at', same unit).")
+                 "triggered inputs predicted correctly with radius >= the attack's poisoned count ('at', same unit)."
+                 + (" k: partitions (KxV: V seeded versions per partition, averaged, DPA*)."
+                    if any(r.get("versions") for r in rows) else ""))
     return "\n".join(lines)
 
 

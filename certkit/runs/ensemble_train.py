@@ -202,7 +202,7 @@ _SCALES_FORMAT = 1
 #: Stream tags of the sample-specific scales (apart from certkit.seeding's tags; the seeds derived with them
 #: are the ``seed`` handed to :func:`certkit.certify.sigma.optimize_sigma`, which derives its own per-input streams).
 _SIGMA_DEFAULTS = {"sigma_steps": None, "sigma_lr": 1e-4, "sigma_max": None, "sigma_detach_model": True}
-_LAYOUT_DEFAULTS = {"layout": "full-noise", "k": None, "d": None, "ablation": None, "band": None}
+_LAYOUT_DEFAULTS = {"layout": "full-noise", "k": None, "d": None, "ablation": None, "band": None, "versions": None}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,6 +253,8 @@ class EnsembleSpec:
         k, d: the layout's ``k`` (partitions; FA's ``k``; bagging's bootstrap size) and FA's ``d``.
         ablation, band: aggregation layouts only: train every member as a de-randomized smoothing model
             (``"column"`` or ``"block"`` ablation of width ``band``), as the joint certificate needs.
+        versions: partition layout only: seeded versions per partition (DPA*, ``k * versions`` members whose
+            logits are averaged per partition when certified); ``None`` = 1.
 
     With ``layout="full-noise"`` the fields ``layout, k, d, ablation, band`` keep their defaults and are left
     out of :meth:`to_dict` (configs of earlier certkit versions are unchanged); with an aggregation layout,
@@ -283,6 +285,7 @@ class EnsembleSpec:
     d: int | None = None
     ablation: str | None = None
     band: int | None = None
+    versions: int | None = None
 
     def __post_init__(self) -> None:
 
@@ -327,14 +330,24 @@ class EnsembleSpec:
             self.d = check_positive_int(self.d, "d")
         elif self.d is not None:
             raise InputError(f"d applies to the finite-aggregation layout only (this spec has layout={self.layout!r})")
-        want = {"partition": self.k, "finite-aggregation": self.k * (self.d or 1)}.get(self.layout)
+        if self.versions is not None:
+            if self.layout != "partition":
+                raise InputError(f"versions apply to the partition layout only (DPA*), not {self.layout!r}")
+            self.versions = check_positive_int(self.versions, "versions")
+            if self.versions == 1:
+                self.versions = None
+            elif self.ablation is not None:
+                raise InputError("versions (DPA*) and ablation (the joint certificate) cannot be combined: the joint "
+                                 "certificate needs one member per partition")
+        want = {"partition": self.k * (self.versions or 1), "finite-aggregation": self.k * (self.d or 1)}.get(self.layout)
         if want is None:  # bootstrap: the number of draws
             self.members = check_positive_int(ENSEMBLE["members"] if self.members is None else self.members,
                                               "members")
         elif self.members is None:
             self.members = want
         elif check_positive_int(self.members, "members") != want:
-            raise InputError(f"the {self.layout} layout has {want} members (one per subset), got members={self.members}")
+            raise InputError(f"the {self.layout} layout has {want} members (one per subset"
+                             + (f", {self.versions} versions each" if self.versions else "") + f"), got members={self.members}")
         if self.ablation is None:
             if self.band is not None:
                 raise InputError("band applies only with an ablation (column or block)")
@@ -392,6 +405,8 @@ class EnsembleSpec:
                 del d[k]
         else:
             del d["sigma"], d["noise"]
+            if self.versions is None:  # aggregation configs without DPA* versions stay as they were
+                del d["versions"]
         return d
 
     @property
@@ -587,11 +602,12 @@ def ensemble_layout(spec: EnsembleSpec, data: PreparedData) -> MemberLayout:
     if not spec.aggregation:
         raise InputError("a full-noise (RAB) ensemble has no aggregation layout: every member sees all the data")
     train = data.poisoned.dataset
-    key = (spec.layout, spec.k, spec.d, spec.members, spec.seed)
+    key = (spec.layout, spec.k, spec.d, spec.members, spec.seed, spec.versions)
     for cached_train, cached_key, lay in _LAYOUT_CACHE:
         if cached_train is train and cached_key == key:
             return lay
-    lay = member_layout(spec.layout, train, k=spec.k, d=spec.d, members=spec.members, seed=spec.seed)
+    lay = member_layout(spec.layout, train, k=spec.k, d=spec.d, members=spec.members, seed=spec.seed,
+                        versions=spec.versions)
     _LAYOUT_CACHE[:] = [*_LAYOUT_CACHE[-1:], (train, key, lay)]
     return lay
 

@@ -6,7 +6,8 @@ An ensemble run (:mod:`certkit.runs.ensemble_train`) has one of four layouts (``
 * ``partition`` (DPA, Levine & Feizi, ICLR 2021): ``k`` members; sample ``j`` goes to partition
   ``dpa_partition(x_j, k)``, a hash of its pixels alone; each member's samples are ordered by content
   (:func:`certkit.certify.aggregation.order_within_partitions`), so a member is a function of its partition's
-  *contents* only, as the certificate assumes.
+  *contents* only, as the certificate assumes. With ``versions = V`` (DPA*, "boosted DPA"), ``k * V`` members,
+  ``V`` seeded versions per partition, averaged into one vote per partition at certification.
 * ``finite-aggregation`` (FA, Wang, Levine & Feizi, ICML 2022): ``k * d`` members; the samples are hashed into
   ``k * d`` buckets and bucket ``h`` belongs to the ``d`` subsets ``(h + shift_i) mod kd``; the shifts are drawn
   with the seed ``derive_seed(run seed, STREAM_LAYOUT, 0) mod 2**32``.
@@ -77,7 +78,7 @@ def _pixels(train: ArrayDataset) -> np.ndarray:
 
 
 def member_layout(kind: str, train: ArrayDataset, *, k: int, d: int | None = None, members: int | None = None,
-                  seed: int = 0) -> MemberLayout:
+                  seed: int = 0, versions: int | None = None) -> MemberLayout:
     """The member layout ``kind`` of ``train`` (see the module docstring).
 
     Args:
@@ -85,6 +86,8 @@ def member_layout(kind: str, train: ArrayDataset, *, k: int, d: int | None = Non
         train: the (possibly poisoned) training set the members learn from.
         k: partitions (DPA), FA's ``k`` (``k * d`` members) or bagging's bootstrap size.
         d: FA's subsets per sample. members: bagging's number of draws. seed: the run seed.
+        versions: partition only: members per partition (DPA*; member ``m`` trains on partition ``m // versions``,
+            its own seed gives each version its initialisation and batch order).
 
     Raises :class:`~certkit.errors.InputError` when ``k`` exceeds the training set or a partition/subset is
     empty (naming which and how many).
@@ -107,7 +110,12 @@ def member_layout(kind: str, train: ArrayDataset, *, k: int, d: int | None = Non
     labels = train.y.numpy()
     if kind == "partition":
         part = dpa_partition(pixels, k)
-        return MemberLayout(Layout.dpa(k, member_subset=range(k)), order_within_partitions(part, pixels, labels, k))
+        pieces = order_within_partitions(part, pixels, labels, k)
+        v = 1 if versions is None else int(versions)
+        subset = [m // v for m in range(k * v)]
+        return MemberLayout(Layout.dpa(k, member_subset=subset, versions=v), [pieces[p] for p in subset])
+    if versions not in (None, 1):
+        raise InputError(f"versions apply to the partition layout (DPA*) only, not {kind!r}")
     s = layout_seed(seed)
     if kind == "finite-aggregation":
         if d is None:
