@@ -5,6 +5,7 @@ nothing written."""
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -14,10 +15,10 @@ from conftest import file_snapshot, one_line_error, one_thread
 from certkit.cli import main
 from certkit.errors import InputError, UnknownNameError
 from certkit.runs.defaults import FCT_SD_DIGITS, FCT_ST_DIGITS
-from certkit.runs.fct import fct_st_settings, fct_st_work
+from certkit.runs.fct import SD_SETTINGS, ST_SETTINGS, fct_st_settings, fct_st_work
 from certkit.runs.rundir import RunDirectory
 from certkit.runs.single import TrainConfig
-from purifiers.fct import CLEAN, POISONED, split_sizes
+from purifiers.fct import CLEAN, POISONED, fct_secure_train, split_sizes
 
 QUIET = ["--device", "cpu", "--no-progress"]
 
@@ -58,7 +59,10 @@ def test_the_split_is_stored_with_its_diagnostic_and_the_settings_resolved(dst_r
         assert float(z["gamma_p"]) == pytest.approx(split["gamma_p"])
     cfg = run.config["train"]
     assert cfg["defense"] == "fct-st"
-    assert cfg["defense_params"] == {"sd": FCT_SD_DIGITS, "st": json.loads(json.dumps(FCT_ST_DIGITS))}
+    sd, st = cfg["defense_params"]["sd"], cfg["defense_params"]["st"]
+    assert sd.items() >= FCT_SD_DIGITS.items() and st.items() >= json.loads(json.dumps(FCT_ST_DIGITS)).items()
+    assert set(sd) == SD_SETTINGS and set(st) == ST_SETTINGS  # every value it trained with, defaults included
+    assert st["temperature"] == 0.1 and sd["alpha_p"] == 0.05
     # the D-ST model has the run's architecture: certifiable like any model of the run
     assert run.model_spec("fct-st") == run.model_spec("undefended")
 
@@ -72,6 +76,14 @@ def test_a_resumed_run_does_not_retrain_and_the_report_names_the_method(dst_run,
     assert main(["report", str(dst_run)]) == 0
     out = capsys.readouterr().out
     assert "fct-st: trained by FCT's D-ST" in out and "D_p precision" in out
+
+
+def test_restating_a_default_setting_resumes_the_run(dst_run, capsys):
+    sha = RunDirectory.open(dst_run).manifest["models"]["fct-st"]["sha256"]
+    assert main(["train", "--out", str(dst_run), "--epochs", "8", "--defense", "fct-st", "--defense-params",
+                 '{"st": {"temperature": 0.1}, "sd": {"alpha_c": 0.2}}', *QUIET]) == 0
+    assert "fct-st: checkpoint verified, not retrained" in capsys.readouterr().out
+    assert RunDirectory.open(dst_run).manifest["models"]["fct-st"]["sha256"] == sha
 
 
 def test_a_tampered_split_file_is_recomputed_not_trusted(dst_run, tmp_path, capsys):
@@ -92,8 +104,12 @@ def test_a_tampered_split_file_is_recomputed_not_trusted(dst_run, tmp_path, caps
 
 def test_settings_resolve_over_digits_or_official_defaults():
     digits = fct_st_settings({"st": {"epochs": 3}}, dataset="digits")
-    assert digits["sd"] == FCT_SD_DIGITS and digits["st"] == {**FCT_ST_DIGITS, "epochs": 3}
-    assert fct_st_settings(None, dataset="mnist") == {"sd": {}, "st": {}}
+    assert digits["sd"].items() >= FCT_SD_DIGITS.items() and digits["st"]["epochs"] == 3
+    assert digits["st"]["head_lr"] == FCT_ST_DIGITS["head_lr"]
+    official = fct_st_settings(None, dataset="mnist")
+    assert official["sd"]["sd_epochs"] == 2 and official["st"] == {  # the functions' own defaults
+        n: (list(p.default) if isinstance(p.default, tuple) else p.default)
+        for n, p in inspect.signature(fct_secure_train).parameters.items() if n in ST_SETTINGS}
     cfg = TrainConfig(defense="fct-st", defense_params={"sd": {"draws": 2}})
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # settings round-trip
     assert cfg.defense_params == {"sd": {"draws": 2}, "st": {}}  # resolved by train() when the run is made

@@ -11,8 +11,8 @@ functions. On the embedded ``digits`` the defaults are the digits-scale ones of
 collapse there, see their comments); on every other dataset the official defaults.
 
 >>> s = fct_st_settings({"st": {"epochs": 5}}, dataset="mnist")
->>> s["st"], s["sd"]
-({'epochs': 5}, {})
+>>> s["st"]["epochs"], s["st"]["lr"], s["sd"]["sd_epochs"]
+(5, 0.5, 2)
 >>> fct_st_settings({"st": {"epoch": 5}}, dataset="mnist")
 Traceback (most recent call last):
 ...
@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import inspect
 import io
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -89,14 +90,23 @@ def check_fct_st_params(params: Mapping[str, Any] | None) -> dict[str, dict[str,
 
 
 def fct_st_settings(params: Mapping[str, Any] | None = None, *, dataset: str | None) -> dict[str, dict[str, Any]]:
-    """The resolved settings ``{"sd": ..., "st": ...}`` of D-ST on ``dataset``: the digits-scale defaults on the
-    embedded ``digits`` (the official ones elsewhere and for ``dataset=None``), updated by ``params``
-    (:func:`check_fct_st_params`). A run stores them resolved when it is created, so later default changes
-    never alter what an existing run says it trained with."""
+    """The resolved settings ``{"sd": ..., "st": ...}`` of D-ST on ``dataset``: every setting of
+    :func:`purifiers.fct.sd_split` and :func:`purifiers.fct.fct_secure_train` at its official default, the
+    digits-scale defaults over them on the embedded ``digits``, then ``params`` (:func:`check_fct_st_params`). A
+    run stores them resolved when it is created, so it lists every value it trained with and later default
+    changes never alter what an existing run says."""
     given = check_fct_st_params(params)
     digits = dataset == "digits"
-    return check_fct_st_params({"sd": {**(FCT_SD_DIGITS if digits else {}), **given["sd"]},
-                                "st": {**(FCT_ST_DIGITS if digits else {}), **given["st"]}})
+    resolved = check_fct_st_params({"sd": {**_defaults(sd_split, SD_SETTINGS), **(FCT_SD_DIGITS if digits else {}),
+                                           **given["sd"]},
+                                    "st": {**_defaults(fct_secure_train, ST_SETTINGS),
+                                           **(FCT_ST_DIGITS if digits else {}), **given["st"]}})
+    return json.loads(json.dumps(resolved))  # as stored: tuples become lists, so a resumed run compares equal
+
+
+def _defaults(fn: Callable[..., Any], names: frozenset[str]) -> dict[str, Any]:
+    """Every setting of ``fn`` in ``names`` at its signature default (so a run records all of them)."""
+    return {n: p.default for n, p in inspect.signature(fn).parameters.items() if n in names}
 
 
 def check_fct_st_size(n: int, settings: Mapping[str, Mapping[str, Any]]) -> None:

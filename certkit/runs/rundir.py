@@ -167,6 +167,35 @@ def _read_manifest(root: Path) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
+_MISSING = object()
+
+
+def _shown(value: Any) -> str:
+    return "not set" if value is _MISSING else json.dumps(value, default=str)
+
+
+def config_differences(stored: Any, given: Any, *, limit: int = 4) -> str:
+    """The settings that differ between two configs, by dotted path with both values (at most ``limit``).
+
+    >>> config_differences({"train": {"epochs": 30, "seed": 0}}, {"train": {"epochs": 8, "seed": 0}})
+    'train.epochs is 30 in the run, 8 now'
+    >>> config_differences({"a": 1}, {"b": 2})
+    'a is 1 in the run, not set now; b is not set in the run, 2 now'
+    """
+    found: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b), key=str):
+                walk(a.get(key, _MISSING), b.get(key, _MISSING), f"{path}.{key}" if path else str(key))
+        elif a != b:
+            found.append(f"{path} is {_shown(a)} in the run, {_shown(b)} now")
+
+    walk(stored, given, "")
+    more = f" (and {len(found) - limit} more)" if len(found) > limit else ""
+    return "; ".join(found[:limit]) + more
+
+
 class RunDirectory:
     """A run directory on disk; build one with :meth:`create` or :meth:`open`."""
 
@@ -208,14 +237,9 @@ class RunDirectory:
                 )
             stored = run._manifest["config"]
             if stored != norm_config:
-                keys = sorted(
-                    k
-                    for k in set(stored) | set(norm_config)
-                    if k not in stored or k not in norm_config or stored[k] != norm_config[k]
-                )
                 raise RecordError(
                     f"run directory {root} was created with a different config: "
-                    f"keys {', '.join(keys)} differ; use a new --out directory"
+                    f"{config_differences(stored, norm_config)}; use a new --out directory (or the same settings)"
                 )
             return run
         if root.is_dir() and any(p.name != _LOCK for p in root.iterdir()):
