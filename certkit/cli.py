@@ -556,17 +556,31 @@ def _ensemble(args: argparse.Namespace, progress: bool) -> int:
                                  log=_log(args), **_given(args, n_jobs="n_jobs"))
         print(f"run directory: {run.path}")
         return 0
-    from certkit.runs.aggregation import AggregationCertifyConfig, certify_ensemble_any
+    from certkit.runs.aggregation import (
+        AggregationCertifyConfig,
+        certificate_of,
+        certify_ensemble_any,
+        check_certify_settings,
+    )
     from certkit.runs.ensemble_certify import EnsembleCertifyConfig
 
+    given = [name for name, dest in (("alpha", "alpha"), ("bound", "bound"), ("max_points", "max_points"),
+                                     ("batch_size", "batch_size"), ("patch_size", "patch_size")) if
+             getattr(args, dest) is not None]
+    given += [name for name, on in (("selection_correction", args.no_selection_correction),
+                                    ("bonferroni", args.bonferroni)) if on]
+    flags = {"selection_correction": "--no-selection-correction"}
+    check_certify_settings(certificate_of(args.run_dir, args.certificate), given,
+                           flag=lambda n: flags.get(n, "--" + n.replace("_", "-")))
     cfg = EnsembleCertifyConfig(selection_correction=not args.no_selection_correction,
                                 **_given(args, alpha="alpha", bound="bound", max_points="max_points",
                                          batch_size="batch_size"))
     agg = AggregationCertifyConfig(bonferroni=args.bonferroni,
                                    **_given(args, alpha="alpha", patch_size="patch_size", batch_size="batch_size"))
+    table = certify_ensemble_any(args.run_dir, args.certificate, l2=cfg, aggregation=agg, device=args.device,
+                                 progress=progress, log=_log(args))
     print()
-    print(certify_ensemble_any(args.run_dir, args.certificate, l2=cfg, aggregation=agg, device=args.device,
-                               progress=progress, log=_log(args)))
+    print(table)
     return 0
 
 

@@ -311,3 +311,16 @@ def test_a_dpa_star_run_certifies_the_averaged_versions(tmp_path, capsys):
     assert np.array_equal(clean["radius"].to_numpy(), want.radius)
     assert np.array_equal(clean["prediction"].to_numpy(), want.prediction)
     assert main(["ensemble", "certify", str(out), "--certificate", "joint", *QUIET]) != 0  # no ablation: refused
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--max-points", "30"], "--max-points does not apply to the 'dpa' certificate (--max-points: l2)"),
+    (["--certificate", "roe", "--patch-size", "3"], "--patch-size does not apply to the 'roe' certificate"),
+    (["--bound", "hoeffding", "--alpha", "0.5"], "--alpha, --bound do not apply to the 'dpa' certificate"),
+    (["--bonferroni"], "--bonferroni does not apply to the 'dpa' certificate (--bonferroni: bagging)"),
+])
+def test_settings_a_certificate_does_not_use_are_refused_not_ignored(dpa_run, capsys, argv, fragment):
+    before = file_snapshot(dpa_run)
+    assert main(["ensemble", "certify", str(dpa_run), *argv, *QUIET]) != 0
+    one_line_error(capsys, fragment)
+    assert file_snapshot(dpa_run) == before

@@ -30,7 +30,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -74,13 +74,16 @@ from certkit.runs.tables import curve_cells, curve_header, number_or
 
 __all__ = [
     "CERTIFICATES",
+    "CERTIFY_SETTINGS",
     "DEFAULT_CERTIFICATE",
     "MEMBER_OUTPUTS",
     "AggregationCertifyConfig",
     "aggregation_table",
+    "certificate_of",
     "certify_aggregation",
     "certify_ensemble_any",
     "certify_outputs",
+    "check_certify_settings",
     "evaluate_members",
     "read_member_outputs",
 ]
@@ -420,6 +423,43 @@ def aggregation_table(summary: dict[str, Any]) -> str:
                  + (" k: partitions (KxV: V seeded versions per partition, averaged, DPA*)."
                     if any(r.get("versions") for r in rows) else ""))
     return "\n".join(lines)
+
+
+#: the ``certkit ensemble certify`` settings each certificate uses (any other given setting is refused)
+CERTIFY_SETTINGS: dict[str, frozenset[str]] = {
+    "l2": frozenset({"alpha", "bound", "selection_correction", "max_points", "batch_size"}),
+    "bagging": frozenset({"alpha", "bonferroni", "batch_size"}),
+    "joint": frozenset({"patch_size", "batch_size"}),
+    **{c: frozenset({"batch_size"}) for c in ("dpa", "roe", "fa", "fa-roe")},
+}
+
+
+def check_certify_settings(certificate: str, given: Iterable[str], flag: Callable[[str], str] = str) -> None:
+    """Refuse settings the certificate does not use (an :class:`InputError` naming them and the certificates
+    that do), instead of silently ignoring them (e.g. ``--max-points`` on a DPA run, which certifies every
+    saved point). ``flag`` turns a setting name into what the user typed.
+
+    >>> check_certify_settings("dpa", ["batch_size"])
+    >>> check_certify_settings("dpa", ["max_points", "alpha"])
+    Traceback (most recent call last):
+    ...
+    certkit.errors.InputError: alpha, max_points do not apply to the 'dpa' certificate (alpha: bagging, l2; max_points: l2)
+    """
+    unused = sorted(set(given) - CERTIFY_SETTINGS[certificate])
+    if unused:
+        users = "; ".join(f"{flag(u)}: {', '.join(sorted(c for c, s in CERTIFY_SETTINGS.items() if u in s))}"
+                          for u in unused)
+        raise InputError(f"{', '.join(flag(u) for u in unused)} do{'es' if len(unused) == 1 else ''} not apply to "
+                         f"the {certificate!r} certificate ({users})")
+
+
+def certificate_of(run_dir: RunDirectory | str | Path, certificate: str | None = None) -> str:
+    """The certificate ``certkit ensemble certify`` would compute on ``run_dir``: ``certificate`` when given,
+    else the run's own (``l2`` for a full-noise run, the layout's default otherwise)."""
+    if certificate is not None:
+        return check_choice(certificate, ("l2", *CERTIFICATES), "certificate")
+    _, spec = _open(run_dir)
+    return DEFAULT_CERTIFICATE[spec.layout] if spec.aggregation else "l2"
 
 
 def certify_ensemble_any(run_dir: RunDirectory | str | Path, certificate: str | None = None, *,
