@@ -87,9 +87,11 @@ def _json_dict(text: str) -> dict:
     try:
         d = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}); give the object itself, e.g. "
+                                         "'{\"key\": 3}', not a file name") from exc
     if not isinstance(d, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"patch_size\": 3}'")
+        raise argparse.ArgumentTypeError(f"must be a JSON object {{...}} (a string, not a file name), got a JSON "
+                                         f"{type(d).__name__}")
     return d
 
 
@@ -153,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot_flags(demo)
 
     train = sub.add_parser("train", help="train (possibly backdoored) models into a run directory",
-                           description="Train one model per noise level on a poisoned training set.")
+                           description="Train one model per noise level on a poisoned training set (and, on request, a "
+                           "de-randomized smoothing model, --ablation, and a training-time defense model, --defense).")
     train.add_argument("--out", required=True, help="run directory to create (or resume)")
     train.add_argument("--dataset", default=None, help=f"{DATASET_HELP} (default: {D.TRAIN['dataset']})")
     train.add_argument("--input-shape", type=_shape, default=None, metavar="C,H,W", help=INPUT_SHAPE_HELP)
@@ -176,11 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--defense", choices=list(D.TRAINING_DEFENSES), default=None,
                        help="also train a model by a training-time defense from the poisoned data: fct-st = FCT's "
                        "D-ST (SD split by transformation sensitivity, then contrastive pre-training and a linear "
-                       "head on the split; saved as model 'fct-st', with the split in train/fct-st_split.npz)")
+                       "head on the split; saved as model 'fct-st', with the split in train/fct-st_split.npz). "
+                       "Its own epochs are set in --defense-params (st.epochs, head_epochs; sd.sd_epochs), not by "
+                       "--epochs, which trains the other models")
     train.add_argument("--defense-params", type=_json_dict, default=None,
-                       help='the defense\'s settings as JSON, {"sd": {...}, "st": {...}}: keyword arguments of '
-                       "purifiers.fct.sd_split and fct_secure_train, over the defaults: digits-scale settings on digits, "
-                       "the official ones elsewhere (the resolved settings are stored in the run)")
+                       help='the defense\'s settings as a JSON string, {"sd": {...}, "st": {...}}: sd = the SD split '
+                       "(sd_epochs, intra_epochs, sd_lr, batch_size, draws, alpha_c, alpha_p, degrees, translate, "
+                       "per_class_clean), st = the secure training (epochs, lr, batch_size, weight_decay, momentum, "
+                       "temperature, proj_dim, crop_scale, flip, clean_positives_only, head_epochs, head_lr, "
+                       "head_batch_size, lambda_p); over the defaults: digits-scale on digits, official elsewhere "
+                       "(every resolved value is stored in the run)")
     train.add_argument("--seed", type=_integer, default=None, help=f"seed (default: {D.TRAIN['seed']})")
     _add_common(train)
 
@@ -263,8 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "finite-aggregation, bootstrap), certified against a number of poisoned samples.")
     ens_sub = ens.add_subparsers(dest="ensemble_command", metavar="ACTION", parser_class=_Parser)
     etrain = ens_sub.add_parser("train", help="train (or resume) the members of an ensemble run",
-                                description="Train M members, each on the poisoned training set plus one fixed "
-                                "Gaussian draw per training input; finished members are kept on resume.")
+                                description="Train the members of an ensemble; finished members are kept on "
+                                "resume. --layout full-noise (RAB, the default): M members, each on the poisoned "
+                                "training set plus one fixed Gaussian draw per training input. partition (DPA; "
+                                "--versions V: DPA*), finite-aggregation (FA) or bootstrap (bagging): members train "
+                                "without noise on their piece of the data (--k, --d, --members).")
     etrain.add_argument("--out", required=True, help="run directory to create (or resume)")
     etrain.add_argument("--dataset", default=None, help=f"{DATASET_HELP} (default: {D.TRAIN['dataset']})")
     etrain.add_argument("--input-shape", type=_shape, default=None, metavar="C,H,W", help=INPUT_SHAPE_HELP)

@@ -277,6 +277,7 @@ def test_versions_spec_and_member_layout():
     assert spec.members == 12 and spec.to_dict()["versions"] == 3
     assert "versions" not in EnsembleSpec(layout="partition", k=4, epochs=1).to_dict()  # earlier configs unchanged
     assert EnsembleSpec(layout="partition", k=4, versions=1).versions is None
+    assert EnsembleSpec(layout="finite-aggregation", k=3, d=2, versions=1).versions is None  # the default, anywhere
     data = _toy()
     lay = member_layout("partition", data, k=4, versions=3)
     one = member_layout("partition", data, k=4)
@@ -285,7 +286,7 @@ def test_versions_spec_and_member_layout():
     for kwargs, fragment in ((dict(layout="finite-aggregation", k=3, d=2, versions=2), "partition layout only"),
                              (dict(layout="partition", k=3, versions=2, ablation="column", band=2), "cannot be combined"),
                              (dict(layout="partition", k=3, versions=2, members=3), "6 members"),
-                             (dict(versions=2), "only apply to the aggregation layouts")):
+                             (dict(versions=2), "partition layout only; this spec has layout='full-noise'")):
         with pytest.raises(InputError, match=fragment):
             EnsembleSpec(**kwargs)
 

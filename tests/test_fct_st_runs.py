@@ -164,3 +164,11 @@ def test_a_training_set_too_small_for_the_split_is_one_line_and_writes_nothing(t
     assert code != 0
     one_line_error(capsys, "poisoned training set of", "too small for the FCT thresholds", "D_c would get 4 samples and D_p 0")
     assert file_snapshot(out) == {}
+
+
+def test_train_help_lists_every_defense_setting(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")
+    missing = sorted(n for n in SD_SETTINGS | ST_SETTINGS if n not in text)
+    assert not missing, missing

@@ -386,7 +386,7 @@ def _plot(run: RunDirectory, rows: dict[str, dict[str, Any]], data: PreparedData
         for r in mine:
             radii = [int(x) for x in r["certified_accuracy"]]
             ax.plot(radii, list(r["certified_accuracy"].values()), drawstyle="steps-post", markersize=5,
-                    linewidth=1.6, label=f"{r['key']} (k={r['k'] or r['members']})", **style(keys.index(r["key"])))
+                    linewidth=1.6, label=f"{r['key']} (k={r['k'] or r['members']}" + (f"x{r['versions']}" if r.get("versions") else "") + ")", **style(keys.index(r["key"])))
         need = mine[0]["poisoned_in_unit"]
         ax.axvline(need, color="0.45", linestyle=":", linewidth=1.6,
                    label=f"this attack: {mine[0]['n_poisoned']} poisoned = {need}")

@@ -306,9 +306,15 @@ class EnsembleSpec:
         self._check_layout_fields()
 
     def _check_layout_fields(self) -> None:
+        if self.versions is not None:  # 1 (the default) is accepted with every layout
+            self.versions = check_positive_int(self.versions, "versions")
+            self.versions = None if self.versions == 1 else self.versions
         if not isinstance(self.layout, str):
             raise InputError(f"layout must be a string, got {self.layout!r}")
         check_choice(self.layout, LAYOUTS, "layout")
+        if self.versions is not None and self.layout != "partition":
+            raise InputError(f"versions (DPA*) apply to the partition layout only; this spec has "
+                             f"layout={self.layout!r}")
         if self.layout == "full-noise":
             changed = [k for k, v in _LAYOUT_DEFAULTS.items() if getattr(self, k) != v]
             if changed:
@@ -331,12 +337,7 @@ class EnsembleSpec:
         elif self.d is not None:
             raise InputError(f"d applies to the finite-aggregation layout only (this spec has layout={self.layout!r})")
         if self.versions is not None:
-            if self.layout != "partition":
-                raise InputError(f"versions apply to the partition layout only (DPA*), not {self.layout!r}")
-            self.versions = check_positive_int(self.versions, "versions")
-            if self.versions == 1:
-                self.versions = None
-            elif self.ablation is not None:
+            if self.ablation is not None:
                 raise InputError("versions (DPA*) and ablation (the joint certificate) cannot be combined: the joint "
                                  "certificate needs one member per partition")
         want = {"partition": self.k * (self.versions or 1), "finite-aggregation": self.k * (self.d or 1)}.get(self.layout)

@@ -105,7 +105,9 @@ class PurifyConfig:
         names = purifiers.available()
         if self.method not in names:
 
-            raise UnknownNameError(f"unknown purification method {self.method!r}; available: {', '.join(names)}")
+            hint = ("; fct-st trains a new model from the poisoned data: `certkit train --defense fct-st`"
+                    if self.method == "fct-st" else "")
+            raise UnknownNameError(f"unknown purification method {self.method!r}; available: {', '.join(names)}{hint}")
         if not isinstance(self.params, dict):
             raise InputError(f"params must be a dict, got {type(self.params).__name__}")
         reserved = sorted({"device", "progress"} & set(self.params))

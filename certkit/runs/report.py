@@ -141,7 +141,8 @@ def report(run_dir: str | Path, *, replot: bool = True) -> str:
             att = summary.get("attack", {})
             return (f"attack {att.get('name')} -> target {att.get('target')}, poison rate {att.get('poison_rate')}, "
                     f"{att.get('n_poisoned')} poisoned samples; layout {lay.get('kind')} (k={lay.get('k')}, "
-                    f"d={lay.get('d')})\n" + _undefended_line(summary) + aggregation_table(summary))
+                    f"d={lay.get('d')}" + (f", {lay['versions']} versions per partition (DPA*)" if lay.get("versions")
+                                           else "") + ")\n" + _undefended_line(summary) + aggregation_table(summary))
         return ensemble_report_table(summary)
     if not summary:
         raise RecordError(f"run directory {run.path} has no summary.json yet: run `certkit train` first")
