@@ -34,6 +34,7 @@ from certkit._validation import check_choice, check_float, check_positive_int
 from certkit.backdoor.data import ArrayDataset
 from certkit.devices import module_device
 from certkit.errors import InputError
+from certkit.progress import bar as progress_bar
 from certkit.seeding import derive_seed
 
 from ._common import check_device, check_seed, find_head
@@ -744,7 +745,7 @@ def fct_secure_train(template: nn.Module, train_data: ArrayDataset, split: FCTSp
                      flip: bool = True, clean_positives_only: bool = False, head_epochs: int = 10, head_lr: float = 5.0,
                      head_batch_size: int = 512,
                      lambda_p: float = LAMBDA_P, seed: int = 0, device: str | torch.device = "auto",
-                     log: Callable[[str], None] | None = None) -> nn.Module:
+                     log: Callable[[str], None] | None = None, progress: bool = False) -> nn.Module:
     """D-ST's secure training (Chen, Wu, Wang, NeurIPS 2022, Sec. 3.3) of a fresh model of ``template``'s
     architecture (``template`` is untouched) on the poisoned ``train_data`` with the SD ``split``.
 
@@ -754,7 +755,8 @@ def fct_secure_train(template: nn.Module, train_data: ArrayDataset, split: FCTSp
     ``epochs``, 10 warm-up epochs from 0.01 when ``batch_size > 256``, as the SupCon code). Stage 2: the
     encoder frozen (eval mode), the model's own head re-initialised and trained on D_c and D_p only with
     :func:`mixed_cross_entropy` (SGD ``head_lr``, momentum 0.9, no weight decay, ``head_epochs``; one
-    augmented view per sample). Returns the model (eval mode, CPU).
+    augmented view per sample). Returns the model (eval mode, CPU). ``progress``: one bar advancing per
+    mini-batch over both stages; ``log``: a line per fifth of the contrastive epochs.
 
     Differences from the official ``ST/`` code, deliberate: the encoder is the given architecture (official:
     ResNet-18 with a 512-d output), the projection's hidden width is the feature width; colour jitter is
@@ -775,6 +777,10 @@ def fct_secure_train(template: nn.Module, train_data: ArrayDataset, split: FCTSp
     gen = torch.Generator().manual_seed(derive_seed(seed, 1))
     flags_all = torch.as_tensor(split.flags, dtype=torch.int64)
     n = len(train_data)
+    steps = math.ceil(n / batch_size)
+    n_split = int((split.flags != UNCERTAIN).sum())
+    bar = progress_bar(epochs * steps + head_epochs * math.ceil(n_split / head_batch_size), "fct-st",
+                       enabled=progress)
     try:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(derive_seed(seed, 2))
@@ -786,7 +792,6 @@ def fct_secure_train(template: nn.Module, train_data: ArrayDataset, split: FCTSp
             params += list(proj.parameters())
             opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
             warm = 10 if batch_size > 256 else 0
-            steps = math.ceil(n / batch_size)
             for epoch in range(epochs):
                 model.train()
                 proj.train()
@@ -814,6 +819,8 @@ def fct_secure_train(template: nn.Module, train_data: ArrayDataset, split: FCTSp
                     loss.backward()
                     opt.step()
                     total += float(loss.detach()) * len(idx)
+                    bar.update(1)
+                bar.set_postfix(stage="contrastive", epoch=f"{epoch + 1}/{epochs}", loss=f"{total / n:.4f}")
                 if log is not None and (epoch + 1) % max(1, epochs // 5) == 0:
                     log(f"[fct-st] SS-CTL epoch {epoch + 1}/{epochs}: loss {total / n:.4f}")
             # stage 2: frozen encoder, fresh head, mixed cross-entropy on D_c and D_p
@@ -836,8 +843,11 @@ def fct_secure_train(template: nn.Module, train_data: ArrayDataset, split: FCTSp
                     head_opt.zero_grad(set_to_none=True)
                     loss.backward()
                     head_opt.step()
+                    bar.update(1)
+                bar.set_postfix(stage="head", epoch=f"{_epoch + 1}/{head_epochs}")
     finally:
         hook.remove()
+        bar.close()
         for p in model.parameters():
             p.requires_grad_(True)
     return model.eval().cpu()

@@ -272,3 +272,34 @@ def test_compare_fct_st_cell_names_a_bad_setting_before_any_work():
     spec = CompareSpec(model="digits-cnn", attacks=["badnets"], defenses=["fct-st"])
     with pytest.raises(InputError, match=r"purifier_params\['fct-st'\].*sd_epochs"):
         fct_st_model(spec, {"attack_key": "x"}, None, None, "cpu", sd_params={"sd_epochs": 0})
+
+
+def test_dst_progress_bar_advances_per_batch_over_both_stages(poisoned, monkeypatch):
+    import purifiers.fct as fct
+
+    bars = []
+
+    class Recording:
+        def __init__(self, total, desc, *, enabled=True, **_):
+            self.total, self.updates, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, k=1):
+            self.updates += k
+
+        def set_postfix(self, **_):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(fct, "progress_bar", Recording)
+    torch.manual_seed(0)
+    template = build_model("digits-cnn", num_classes=10, input_shape=(1, 8, 8))
+    data = poisoned.dataset
+    split = FCTSplit.from_scores(np.arange(len(data), dtype=float), ALPHA_C, ALPHA_P, 1)
+    fct_secure_train(template, data, split, epochs=2, batch_size=256, head_epochs=3, head_batch_size=64,
+                     lr=0.1, seed=0, device="cpu", progress=True)
+    n_split = int(((split.flags == CLEAN) | (split.flags == POISONED)).sum())
+    assert len(bars) == 1 and bars[0].closed
+    assert bars[0].total == bars[0].updates == 2 * math.ceil(len(data) / 256) + 3 * math.ceil(n_split / 64)

@@ -49,7 +49,7 @@ from purifiers.fct import (
 __all__ = ["SD_SETTINGS", "ST_SETTINGS", "check_fct_st_params", "check_fct_st_size", "fct_st_settings",
            "fct_st_work", "save_split", "split_line", "train_fct_st"]
 
-_NOT_SETTINGS = {"template", "train_data", "split", "seed", "device", "log"}
+_NOT_SETTINGS = {"template", "train_data", "split", "seed", "device", "log", "progress"}
 #: the settings of the SD module (:func:`purifiers.fct.sd_split`) a run may give
 SD_SETTINGS: frozenset[str] = frozenset(inspect.signature(sd_split).parameters) - _NOT_SETTINGS
 #: the settings of D-ST's training (:func:`purifiers.fct.fct_secure_train`) a run may give
@@ -139,14 +139,14 @@ def fct_st_work(n: int, settings: Mapping[str, Mapping[str, Any]]) -> tuple[int,
 
 def train_fct_st(template: torch.nn.Module, train_data: Any, settings: Mapping[str, Mapping[str, Any]], *,
                  seed: int, device: str = "auto", model: torch.nn.Module | None = None,
-                 log: Callable[[str], None] | None = None) -> tuple[torch.nn.Module, FCTSplit]:
+                 log: Callable[[str], None] | None = None, progress: bool = False) -> tuple[torch.nn.Module, FCTSplit]:
     """D-ST on the poisoned ``train_data``: the SD split, then (unless ``model``, an already trained D-ST model,
     is given) secure training of a fresh model of ``template``'s architecture. Returns ``(model, split)``;
     ``template`` is untouched."""
     split = sd_split(template, train_data, **settings.get("sd", {}), seed=seed, device=device)
     if model is None:
         model = fct_secure_train(template, train_data, split, **settings.get("st", {}), seed=seed, device=device,
-                                 log=log)
+                                 log=log, progress=progress)
     return model, split
 
 

@@ -494,8 +494,7 @@ def _train_defense(run: RunDirectory, cfg: TrainConfig, exp: PreparedData, previ
                                    input_shape=exp.splits.input_shape, mean=exp.splits.mean, std=exp.splits.std)
         t0 = time.perf_counter()
         model, split = train_fct_st(template, exp.poisoned.dataset, cfg.defense_params, seed=cfg.seed,
-                                    device=device, model=saved,
-                                    log=log if progress else None)
+                                    device=device, model=saved, progress=progress)
         record = save_split(run, split_file, split, exp.poisoned.poison_indices)
         log(f"[train] {split_line(name, record)}")
         if saved is None:
