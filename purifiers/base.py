@@ -138,22 +138,8 @@ class Purifier(ABC):
             train_data: the poisoned training set, required by (and only passed on to) methods tagged
                 ``needs_training_set`` (FCT's D-BR), which also accept ``clean_data=None``.
         """
-        extra: dict[str, Any] = {}
-        if self.tags.needs_training_set:
-            extra["train_data"] = _check_training_set(self.name, model, train_data)
-            self._check_training_data(extra["train_data"])
-        if clean_data is None and self.tags.needs_training_set:
-            clean_data = extra["train_data"].subset([])  # the method does not use a clean reserve
-        else:
-            check_inputs(model, clean_data)
-            check_num_classes(model, clean_data)
+        clean_data, extra = self.check(model, clean_data, train_data=train_data)
         seed = check_seed(seed)
-        if not self.tags.data_free and len(clean_data) < self.min_clean:
-            raise InputError(f"{self.name} needs at least {self.min_clean} clean samples, got {len(clean_data)}")
-        if self.tags.needs_batchnorm and not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                                                 for m in model.modules()):
-            raise InputError(f"{self.name} acts on BatchNorm neurons but {type(model).__name__} has no BatchNorm "
-                             "layer; use a model with BatchNorm (e.g. 'digits-bn-cnn' or 'preact-resnet18')")
         if self.tags.uses_validation and validation is None:
             clean_data, validation = split_validation(clean_data, self.validation_fraction, seed)
         elif validation is not None:
@@ -175,6 +161,29 @@ class Purifier(ABC):
         its cost depends on the data (a subclass without a formula). Forward-only evaluations are not counted;
         loops that stop early count at their cap."""
         return None
+
+    def check(self, model: nn.Module, clean_data: Any = None, *, train_data: Any = None
+              ) -> tuple[Any, dict[str, Any]]:
+        """The checks :meth:`purify` makes before any work (model, data, sizes, BatchNorm, the training set of
+        ``needs_training_set`` methods), callable on their own so a harness can refuse a run before announcing
+        it. Returns ``(clean_data, extra)``: the clean data (an empty slice of the training set for methods
+        that use none) and the keyword arguments for :meth:`_purify`."""
+        extra: dict[str, Any] = {}
+        if self.tags.needs_training_set:
+            extra["train_data"] = _check_training_set(self.name, model, train_data)
+            self._check_training_data(extra["train_data"])
+        if clean_data is None and self.tags.needs_training_set:
+            clean_data = extra["train_data"].subset([])  # the method does not use a clean reserve
+        else:
+            check_inputs(model, clean_data)
+            check_num_classes(model, clean_data)
+        if not self.tags.data_free and len(clean_data) < self.min_clean:
+            raise InputError(f"{self.name} needs at least {self.min_clean} clean samples, got {len(clean_data)}")
+        if self.tags.needs_batchnorm and not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                 for m in model.modules()):
+            raise InputError(f"{self.name} acts on BatchNorm neurons but {type(model).__name__} has no BatchNorm "
+                             "layer; use a model with BatchNorm (e.g. 'digits-bn-cnn' or 'preact-resnet18')")
+        return clean_data, extra
 
     def _check_training_data(self, train_data: Any) -> None:
         """Method-specific checks of the training set (``needs_training_set``), before any work or warning."""

@@ -193,6 +193,12 @@ def test_fast_purification_is_labelled_a_smoke_test(run_dir, capsys):
     assert f"{SMOKE_MARK}: purified-ft" in out and "[certify]" not in out and "[budget]" not in out
 
 
+def test_a_purifier_refused_by_its_checks_prints_no_budget(run_dir, capsys):
+    assert main(["purify", str(run_dir), "--method", "anp", *CPU, "--no-progress"]) != 0  # digits-cnn: no BN
+    cap = capsys.readouterr()
+    assert "has no BatchNorm layer" in cap.err and "[budget]" not in cap.out
+
+
 def test_every_purifier_states_its_work_or_none():
     """Purifier.work: passes over the data of every registered method at its defaults (CLP trains nothing),
     with closed forms checked for the formulas that follow the reference's relative costs (purifier-notes

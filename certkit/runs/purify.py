@@ -184,6 +184,7 @@ def purify_run(run: RunDirectory, cfg: PurifyConfig, *, device: str = "auto", pr
     if train_data:
         log(f"[purify] {cfg.method} works on the poisoned training set ({len(exp.poisoned.dataset)} images); the "
             "clean slice above is only used for the noise fine-tune")
+    purifier.check(model, fit, **train_data)  # refuse (e.g. no BatchNorm) before announcing the work
     _announce_purify(cfg.method, purifier, model, len(exp.poisoned.dataset) if train_data else len(fit),
                      exp.splits.num_classes, exp.splits.input_shape, device, log)
     t0 = time.perf_counter()
