@@ -45,6 +45,7 @@ from typing import Any
 import numba
 import numpy as np
 import torch
+from bench_ensemble_training import machine_parallelism  # the benchmarks' one measure of available cores
 
 from certkit.backdoor.prepare import prepare_data
 from certkit.certify.aggregation import Layout, bagging_certify, fa_certify, fa_roe_certify, roe_certify
@@ -169,13 +170,7 @@ def loop_fa(logits: np.ndarray, layout: Layout, points: np.ndarray) -> tuple[lis
             if rival == y:
                 continue
             gap = n[y] - n[rival] - (1 if rival < y else 0)
-            damages = []
-            for learners in buckets:
-                dmg = 0
-                for m in learners:
-                    dmg += 1 + (votes[m] == y) - (votes[m] == rival)
-                damages.append(dmg)
-            damages.sort(reverse=True)
+            damages = sorted(_round1_damages(votes, buckets, y, rival), reverse=True)
             r, total = 0, 0
             for dmg in damages:
                 if total + dmg > gap:
@@ -188,10 +183,14 @@ def loop_fa(logits: np.ndarray, layout: Layout, points: np.ndarray) -> tuple[lis
     return preds, radii
 
 
+def _round1_damages(votes: list[int], buckets: list[list[int]], a: int, b: int) -> list[int]:
+    """Per bucket, how much it can close the round-1 gap of ``a`` over ``b``: sum of 1 + [vote = a] - [vote = b]."""
+    return [sum(1 + (votes[m] == a) - (votes[m] == b) for m in learners) for learners in buckets]
+
+
 def _needed_round1(n: list[int], votes: list[int], buckets: list[list[int]], a: int, b: int) -> int:
-    """Buckets after which ``b`` beats ``a`` in round 1 (bucket damage: sum of 1 + [vote = a] - [vote = b])."""
-    dmg = [sum(1 + (votes[m] == a) - (votes[m] == b) for m in learners) for learners in buckets]
-    return _buckets_needed(_gap(n, a, b), dmg)
+    """Buckets after which ``b`` beats ``a`` in round 1."""
+    return _buckets_needed(_gap(n, a, b), _round1_damages(votes, buckets, a, b))
 
 
 def loop_fa_roe(logits: np.ndarray, layout: Layout, points: np.ndarray) -> tuple[list[int], list[int]]:
@@ -467,25 +466,6 @@ def bench_certification(args: argparse.Namespace) -> dict[str, Any]:
 # ======================================================================================================
 # 2. Partition training: n_jobs = 2 vs 1
 # ======================================================================================================
-def _spin(n: int) -> float:
-    t0 = time.perf_counter()
-    acc = 0
-    for i in range(n):
-        acc += i * i
-    return time.perf_counter() - t0
-
-
-def machine_parallelism(n: int = 5_000_000) -> float:
-    """2 * t(one pure-Python loop) / t(two loops at once in two processes): ~2 on an idle 2-core machine."""
-    import multiprocessing
-
-    with multiprocessing.get_context("fork").Pool(2) as pool:
-        one = min(pool.map(_spin, [n]), pool.map(_spin, [n]))[0]
-        t0 = time.perf_counter()
-        pool.map(_spin, [n, n], chunksize=1)
-        return 2 * one / (time.perf_counter() - t0)
-
-
 def wait_for_quiet(max_wait: float, limit: float = 1.0, cores: float = 1.7) -> dict[str, Any]:
     """Wait (60 s at a time, up to ``max_wait``) until the 1-minute load is <= ``limit`` and two processes
     really get ``cores`` cores between them (:func:`machine_parallelism`)."""
@@ -493,7 +473,7 @@ def wait_for_quiet(max_wait: float, limit: float = 1.0, cores: float = 1.7) -> d
     while waited < max_wait:
         load = os.getloadavg()[0]
         if load <= limit:
-            par = machine_parallelism()
+            par = machine_parallelism(5_000_000)
             if par >= cores:
                 break
         print(f"  load average {load:.2f}, parallelism {par:.2f}x: waiting 60 s ({waited:.0f} s so far)", flush=True)
@@ -520,7 +500,7 @@ def bench_parallel(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     cold = time.perf_counter() - t0
     shas = [_shas(run, spec.members)]
     train_ensemble(dataclasses.replace(spec, epochs=1), root / "par-warm-j1", n_jobs=1, progress=False)
-    par_before = machine_parallelism()
+    par_before = machine_parallelism(5_000_000)
     reps = []
     for r in range(args.par_repeats):
         load = os.getloadavg()[0]
