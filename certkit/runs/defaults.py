@@ -29,19 +29,21 @@ ENSEMBLE_DEMO: dict[str, Any] = {"out": "runs/demo-ensemble", "sigmas": (0.5,), 
                                  "poison_rate": 0.02, "n_jobs": 2}
 #: FCT's SD module (:func:`purifiers.fct.sd_split`) on the embedded digits, used by ``certkit train --defense fct-st``
 #: there and by the compare preset's ``fct-br`` / ``fct-st`` cells. The official 2 SD epochs at lr 0.01 leave the
-#: digits model constant (D_p precision 0.03-0.35, ASR unchanged); 10 epochs at lr 0.03 in batches of 32 and 8 tau
-#: draws give D_p precision 0.92-1.00. The per-class clean split keeps the target class in D_c (the global split
-#: left it out and D-BR erased class 0: CA -9 points on digits-cnn). No L_intra epochs (no gain here, reference
-#: notes section 4.2: it hurt).
+#: digits model near constant (D_p precision 0.03-0.35: tests/test_purifiers_fct.py); 10 epochs at lr 0.03 in
+#: batches of 32 and 8 tau draws give D_p precision 0.90-1.00 on digits-bn-cnn and 0.71-1.00 on digits-cnn
+#: (benchmarks/digits_failures.md, benchmarks/dst_results.md). The clean split is taken per class: with the global
+#: split D-BR left digits-cnn seed 2 at ASR 1.00 (per class: 0.17), elsewhere both are within 0.01 of CA and
+#: the global split's ASR is as low or lower (benchmarks/README.md, "per-class clean split"). No L_intra epochs
+#: (reference notes section 4.2: it hurt).
 FCT_SD_DIGITS: dict[str, Any] = {"sd_epochs": 10, "intra_epochs": 0, "sd_lr": 0.03, "draws": 8,
                                  "per_class_clean": True, "batch_size": 32}
 #: FCT's D-ST training (:func:`purifiers.fct.fct_secure_train`) on the embedded digits: the contrastive stage 30
-#: epochs (official 200) at lr 0.1 (official 0.5 at batch 512 collapsed to CA 0.10), crops of 50-100% of the 8x8
-#: image without flips; the linear head 50 epochs in batches of 64 at lr 0.5 (the official 10 epochs of batch 512
-#: are ~10 steps on D_c + D_p here: CA 0.79). Measured on digits-bn-cnn BadNets 10%: CA 0.961, ASR 0.093 (compare
-#: preset); `certkit train --defense fct-st` seeds 0-2: CA 0.93-0.95, ASR 0.01-0.28 (benchmarks/dst_results.md).
-FCT_ST_DIGITS: dict[str, Any] = {"epochs": 30, "lr": 0.1, "batch_size": 256, "crop_scale": [0.5, 1.0],
-                                 "flip": False, "head_epochs": 50, "head_lr": 0.5, "head_batch_size": 64}
+#: epochs at lr 0.1 in batches of 256, crops of 50-100% of the 8x8 image without flips; the linear head 50 epochs
+#: in batches of 64 at lr 0.5. Measured on digits-bn-cnn BadNets 10%, seeds 0-2 (benchmarks/bench_dst.py; table
+#: in benchmarks/README.md): these settings CA 0.93-0.95, ASR 0.01-0.28; the official head budget (10 epochs of
+#: batch 512 at lr 5, ~1 step an epoch here) CA 0.58-0.69, ASR 0.14-0.99; the whole official secure training
+#: (200 epochs at lr 0.5, batch 512, crops 20-100% with flips, that head) CA 0.48-0.60, ASR 0.57-0.81. The
+#: official lr 0.5 and batch 512 alone do about as well as these (CA 0.93-0.94, ASR 0.02-0.39).
 #: training-time defenses of ``certkit train --defense`` (:mod:`certkit.runs.fct`)
 TRAINING_DEFENSES: tuple[str, ...] = ("fct-st",)
 #: :class:`certkit.runs.purify.PurifyConfig` (``certkit purify``)
