@@ -44,6 +44,8 @@ FCT_SD_DIGITS: dict[str, Any] = {"sd_epochs": 10, "intra_epochs": 0, "sd_lr": 0.
 #: batch 512 at lr 5, ~1 step an epoch here) CA 0.58-0.69, ASR 0.14-0.99; the whole official secure training
 #: (200 epochs at lr 0.5, batch 512, crops 20-100% with flips, that head) CA 0.48-0.60, ASR 0.57-0.81. The
 #: official lr 0.5 and batch 512 alone do about as well as these (CA 0.93-0.94, ASR 0.02-0.39).
+FCT_ST_DIGITS: dict[str, Any] = {"epochs": 30, "lr": 0.1, "batch_size": 256, "crop_scale": [0.5, 1.0],
+                                 "flip": False, "head_epochs": 50, "head_lr": 0.5, "head_batch_size": 64}
 #: training-time defenses of ``certkit train --defense`` (:mod:`certkit.runs.fct`)
 TRAINING_DEFENSES: tuple[str, ...] = ("fct-st",)
 #: :class:`certkit.runs.purify.PurifyConfig` (``certkit purify``)
