@@ -217,7 +217,8 @@ class Mesa(Purifier):
     Stamp ratio: the official repair stamps 1% of the images (``stamp_ratio=0.01``, the default here). On
     digits the reference measured that this dose is too small (ASR 0.84 -> 0.42-0.44, no better than plain
     fine-tuning), while 0.2 brings ASR to 0.06-0.09 at unchanged clean accuracy (section 4, fact 17); the
-    ``digits`` comparison preset therefore uses 0.2 (and ``location="corners"``).
+    ``digits`` comparison preset therefore uses 0.2, at the official placement anywhere (certkit's own
+    measurements of both settings and of the corners: ``benchmarks/preset_choices.py``).
 
     Defaults follow the official CIFAR-10 code (reference fact 7): alpha 0.1, betas (0.9, 0.8, 0.5), hidden 512
     (2048 for CIFAR-100), Adam 2e-4 with betas (0.5, 0.999), 10 epochs, batch 128, MINE EMA rate 0.001;

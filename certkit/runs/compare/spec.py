@@ -353,18 +353,19 @@ PRESET_PURIFIER_PARAMS: dict[str, dict[str, Any]] = {
     "rnp": {},
     "clp": {},
     "ft-sam": {"epochs": 10, "batch_size": 32},
-    # MESA: the target comes from the grid (needs_target). Stamp ratio 0.2, not the official 0.01: on digits 1%
-    # is too small a dose (reference notes fact 17; measured on digits-cnn BadNets: ASR 0.98 -> 0.82 at 0.01,
-    # -> 0.16 at 0.2). Trigger pasted anywhere (official, location="random"): no method of the grid is told where
-    # the trigger is. location="corners" (certkit's extension) would tell MESA that certkit's BadNets patch sits in
-    # a corner and measured better (0.2: ASR -> 0.16 at corners vs 0.35 anywhere; digits-bn-cnn 0.08 vs 0.48), but
-    # that is trigger knowledge the other defenses do not get. Generator Adam lr 1e-3 (official 2e-4) for 20
-    # epochs: with ~7 batches per epoch 2e-4 barely trains it (bn-cnn: ASR -> 0.41).
+    # MESA: the target comes from the grid (needs_target). Stamp ratio 0.2, not the official 0.01 (1% is too small
+    # a dose on digits, reference notes fact 17), generator Adam lr 1e-3, not the official 2e-4 (with ~7 batches an
+    # epoch 2e-4 barely trains the generators). Trigger pasted anywhere (official, location="random"): no method of
+    # the grid is told where the trigger is; location="corners" (certkit's extension) tells MESA that the BadNets
+    # patch sits in a corner, trigger knowledge the other defenses do not get. Measured
+    # (benchmarks/preset_choices.py, digits-cnn / digits-bn-cnn, seeds 0-2, ASR after): these settings 0.59-0.92 /
+    # 0.86-0.99; stamp ratio 0.01 0.95-0.98 / 1.00; lr 2e-4 0.80-0.98 / 0.99-1.00; in a corner 0.08-0.19 / 0.01-0.27.
     "mesa": {"trigger_size": 3, "location": "random", "stamp_ratio": 0.2, "epochs": 20, "lr": 1e-3, "hidden": 128,
              "batch_size": 32, "repair_epochs": 10},
     # FCT (D-BR): the SD split of certkit.runs.defaults.FCT_SD_DIGITS (the measurements behind it are there),
-    # and BR lr 1e-3 (official 1e-4 barely moves the model in 20 epochs). Measured on digits-cnn / digits-bn-cnn,
-    # seeds 0-2: CA within 0.01, ASR 0.98-1.0 -> 0.002-0.05.
+    # and BR lr 1e-3 (official 1e-4 barely moves the model in 20 epochs). Measured (benchmarks/preset_choices.py,
+    # digits-cnn / digits-bn-cnn, seeds 0-2, from ASR ~1.0): ASR after 0.17-0.21 / 0.00-0.01 (official lr:
+    # 0.49-1.00 / 0.08-0.30), CA at most 0.011 below the backdoored model.
     "fct-br": {**FCT_SD_DIGITS, "br_lr": 1e-3},
     # FCT (D-ST, a training-time cell): its SD split uses the fct-br settings above; its training those of
     # certkit.runs.defaults.FCT_ST_DIGITS (the same as `certkit train --defense fct-st` on digits).
